@@ -1,0 +1,278 @@
+"""Typed run configuration: YAML recipe + dotted `key=value` overrides -> a validated RunConfig.
+
+Sections whose keys depend on a plug-in (model, data, task, strategy) are open: their extra keys are the
+plug-in's own arguments and are checked against its signature when it is built (see `check_kwargs`).
+Every other section is closed: an unknown key is an error with a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tunelab.errors import ConfigError, did_you_mean
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class OpenSection(BaseModel):
+    """A section whose extra keys are passed as keyword arguments to a plug-in."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ModelSection(OpenSection):
+    name: str = Field(description="registry name (`cnn`, `gpt`, `hf`, `torchvision:resnet18`) or `pkg.module:Class`")
+
+
+class InitSection(OpenSection):
+    scheme: str | None = None  # None: keep the module's own initialisation
+
+
+class PretrainedSection(Section):
+    path: str | None = None
+    allow_missing: list[str] = []  # glob patterns of model keys that may stay uninitialised by the load
+    rename: dict[str, str] = {}  # regex -> replacement, applied to checkpoint keys in order
+    strict: bool = True
+
+
+class LossSection(Section):
+    name: str | None = None  # default depends on the task
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    class_weights: list[float] | None = None
+    ignore_index: int = -100
+    pos_weight: list[float] | None = None
+    huber_delta: float = Field(1.0, gt=0)
+
+
+class ParamGroupRule(Section):
+    pattern: str  # glob over parameter names
+    lr: float | None = Field(None, gt=0)
+    lr_scale: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+
+
+class OptimSection(Section):
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float | Literal["auto"] = 1e-3
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    no_decay: list[Literal["bias", "norm", "embedding"]] = ["bias", "norm", "embedding"]
+    param_groups: list[ParamGroupRule] = []
+    fused: bool | None = None  # None: fused/foreach where the device has it
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_positive(cls, v: Any) -> Any:
+        if v != "auto" and not v > 0:
+            raise ValueError(f"learning rate must be > 0 (or `auto` for the LR finder), got {v}")
+        return v
+
+
+class ScheduleSection(Section):
+    name: Literal["constant", "linear", "cosine", "onecycle", "step"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # floor of linear/cosine decay, as a fraction of lr
+    step_size: int = Field(1000, gt=0)  # `step`: decay every N optimizer steps
+    gamma: float = Field(0.1, gt=0)
+    pct_start: float = Field(0.3, gt=0, lt=1)  # `onecycle`
+
+
+class TrainSection(Section):
+    epochs: int | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(32, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    clip_grad_norm: float | None = Field(None, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int | None = Field(None, gt=0)
+    keep_last: int = Field(2, gt=0)
+    seed: int = 0
+    num_workers: int = Field(0, ge=0)
+    group_by_length: bool = False
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainSection:
+        if self.epochs is None and self.max_steps is None:
+            self.__dict__["epochs"] = 1
+        return self
+
+
+class EvalSection(Section):
+    every: int | None = Field(None, gt=0)  # optimizer steps; None: at the end of each epoch
+    batch_size: int | None = Field(None, gt=0)
+    monitor: str | None = None  # e.g. `accuracy` or `loss`: keeps best/ and feeds early stopping
+    mode: Literal["min", "max"] | None = None  # None: `min` for losses/errors, `max` otherwise
+    max_batches: int | None = Field(None, gt=0)
+
+
+class EarlyStoppingSection(Section):
+    enabled: bool = False
+    monitor: str | None = None  # default: eval.monitor
+    mode: Literal["min", "max"] | None = None
+    patience: int = Field(3, gt=0)
+    min_delta: float = Field(0.0, ge=0)
+    restore_best: bool = True
+
+
+class OutputSection(Section):
+    dir: str = "runs/{name}"
+    tensorboard: bool | None = None  # None: when tensorboard is installed
+    progress: bool = True
+
+
+class RunConfig(Section):
+    name: str = "run"
+    model: ModelSection
+    init: InitSection = InitSection()
+    pretrained: PretrainedSection = PretrainedSection()
+    data: OpenSection
+    task: OpenSection = OpenSection(name="classification")
+    loss: LossSection = LossSection()
+    optim: OptimSection = OptimSection()
+    schedule: ScheduleSection = ScheduleSection()
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+    early_stopping: EarlyStoppingSection = EarlyStoppingSection()
+    strategy: OpenSection = OpenSection(name="full")
+    output: OutputSection = OutputSection()
+    doctor: OpenSection = OpenSection(enabled=True)
+    report: OpenSection = OpenSection(enabled=True)
+
+    @model_validator(mode="after")
+    def _open_sections_named(self) -> RunConfig:
+        for section in ("data", "task", "strategy"):
+            if "name" not in (getattr(self, section).model_extra or {}):
+                raise ValueError(f"`{section}.name` is required")
+        return self
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output.dir.format(name=self.name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _format_loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if not str(p).startswith(("function-", "literal[")))
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the section at `loc` (for did-you-mean)."""
+    cur: Any = model
+    for part in loc[:-1]:
+        field = getattr(cur, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        cur = ann if inspect.isclass(ann) and issubclass(ann, BaseModel) else None
+        if cur is None:
+            return []
+    return list(getattr(cur, "model_fields", {}).keys())
+
+
+def format_validation_error(err: ValidationError, source: str = "config") -> str:
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    key = _format_loc(loc)
+    if e["type"] == "extra_forbidden":
+        hint = did_you_mean(str(loc[-1]), _known_keys(RunConfig, loc))
+        return f"{source}: unknown key `{key}`{hint}"
+    if e["type"] == "missing":
+        return f"{source}: missing required key `{key}`"
+    value = e.get("input")
+    msg = e["msg"].removeprefix("Value error, ")
+    if not key:
+        return f"{source}: {msg}"
+    return f"{source}: `{key}` = {value!r} is invalid: {msg}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override `{text}` must look like key=value, e.g. train.max_steps=100")
+    key, _, raw = text.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        cur = data
+        for part in path[:-1]:
+            nxt = cur.get(part)
+            if nxt is None:
+                nxt = cur[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override `{text}`: `{part}` is not a section")
+            cur = nxt
+        cur[path[-1]] = value
+    return data
+
+
+def load_config(
+    source: str | Path | dict[str, Any], overrides: list[str] | None = None
+) -> RunConfig:
+    """Read a YAML recipe (or a dict), apply `key=value` overrides and validate."""
+    label = "config"
+    if isinstance(source, dict):
+        data = source
+    else:
+        path = Path(source)
+        label = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, label)) from e
+
+
+def check_kwargs(fn: Any, kwargs: dict[str, Any], where: str) -> None:
+    """Raise a ConfigError naming the key when `kwargs` has a key that `fn` does not accept."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    params = sig.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    for key in kwargs:
+        if key not in params:
+            names = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+            raise ConfigError(
+                f"unknown key `{where}.{key}`{did_you_mean(key, names)}; accepted: {', '.join(names)}"
+            )

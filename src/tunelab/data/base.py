@@ -1,0 +1,157 @@
+"""Data-source interface and the resumable batch samplers the trainer uses.
+
+A data source is a function registered by name, `build(cfg: RunConfig) -> DataBundle`, that reads its own
+options from `cfg.data` (validate them with `validate_options`). Datasets are map-style and return dicts
+of tensors (a `(x, y)` tuple is turned into `{"inputs": x, "labels": y}`). The trainer owns batching:
+a `ResumableBatchSampler` whose batch order is a pure function of (seed, epoch), so a resumed run can
+start in the middle of an epoch and see exactly the batches the uninterrupted run saw.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ValidationError
+from torch.utils.data import Dataset, Sampler
+from torch.utils.data._utils.collate import default_collate
+
+from tunelab.config import RunConfig, format_validation_error
+from tunelab.errors import ConfigError
+from tunelab.registry import DATA
+
+
+@dataclass
+class DataBundle:
+    train: Dataset | None
+    eval: Dataset | None = None
+    test: Dataset | None = None
+    collate_fn: Callable[[list[Any]], dict[str, Any]] | None = None
+    num_classes: int | None = None
+    label_names: list[str] | None = None
+    # Per-example lengths of `train` (for length-grouped batching) and of `eval` (for sorted eval batches).
+    train_lengths: Sequence[int] | None = None
+    eval_lengths: Sequence[int] | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # counts, skipped files, ... logged once
+
+
+def register_data(name: str):
+    return DATA.register(name)
+
+
+def build_data(cfg: RunConfig) -> DataBundle:
+    builder = DATA.get(cfg.data.kwargs["name"])
+    return builder(cfg)
+
+
+def validate_options(model: type[BaseModel], cfg: RunConfig, section: str = "data") -> Any:
+    """Validate the open section `cfg.<section>` (minus `name`) against a pydantic model."""
+    raw = {k: v for k, v in getattr(cfg, section).kwargs.items() if k != "name"}
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        msg = format_validation_error(e, "config")
+        raise ConfigError(msg.replace("`", f"`{section}.", 1) if "`" in msg else msg) from e
+
+
+def collate_dicts(samples: list[Any]) -> dict[str, Any]:
+    """default_collate, with `(x, y)` samples named `inputs` / `labels`."""
+    if isinstance(samples[0], (tuple, list)) and len(samples[0]) == 2:
+        x, y = default_collate(samples)
+        return {"inputs": x, "labels": y}
+    return default_collate(samples)
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Batches of indices; order is a function of (seed, epoch) only. Shards batches across ranks.
+
+    `start` skips the first batches of the epoch (for resuming mid-epoch). Subclasses override
+    `epoch_batches` to change the batching (see LengthGroupedBatchSampler).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _permutation(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def epoch_batches(self) -> list[list[int]]:
+        order = self._permutation()
+        bs = self.batch_size
+        batches = [order[i : i + bs] for i in range(0, len(order), bs)]
+        if self.drop_last and batches and len(batches[-1]) < bs:
+            batches.pop()
+        return batches
+
+    def _rank_batches(self) -> list[list[int]]:
+        batches = self.epoch_batches()
+        if self.world_size > 1:
+            per_rank = len(batches) // self.world_size  # equal counts keep ranks in step
+            batches = batches[self.rank : per_rank * self.world_size : self.world_size]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._rank_batches()[self.start :]
+
+    def __len__(self) -> int:
+        return len(self._rank_batches())
+
+
+class LengthGroupedBatchSampler(ResumableBatchSampler):
+    """Shuffled batches of similar length (less padding): sort within mega-batches of 50 batches,
+    then shuffle the batches. The longest batch goes first so memory problems show at step 1."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, mega: int = 50, **kw: Any):
+        super().__init__(len(lengths), batch_size, **kw)
+        self.lengths = list(lengths)
+        self.mega = mega
+
+    def epoch_batches(self) -> list[list[int]]:
+        order = self._permutation()
+        bs, span = self.batch_size, self.batch_size * self.mega
+        batches: list[list[int]] = []
+        for i in range(0, len(order), span):
+            chunk = sorted(order[i : i + span], key=lambda j: -self.lengths[j])
+            batches += [chunk[k : k + bs] for k in range(0, len(chunk), bs)]
+        if self.drop_last and batches and len(batches[-1]) < bs:
+            batches.pop()
+        if self.shuffle and len(batches) > 1:
+            rng = random.Random(self.seed * 7919 + self.epoch)
+            longest = max(range(len(batches)), key=lambda b: max(self.lengths[j] for j in batches[b]))
+            first = batches.pop(longest)
+            rng.shuffle(batches)
+            batches.insert(0, first)
+        return batches
+
+
+class SortedEvalBatchSampler(ResumableBatchSampler):
+    """Evaluation batches sorted by length (order does not matter for metrics; padding does)."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, **kw: Any):
+        super().__init__(len(lengths), batch_size, shuffle=False, **kw)
+        self.lengths = list(lengths)
+
+    def epoch_batches(self) -> list[list[int]]:
+        order = sorted(range(self.n), key=lambda j: self.lengths[j])
+        return [order[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]

@@ -1,0 +1,116 @@
+"""Model sources. `create_model(name, **kwargs)` is the single door in:
+
+- a registered name: `cnn`, `mlp`, `gpt`, `hf` ...
+- a registered source with an architecture: `torchvision:resnet18`, `timm:convnext_tiny`
+- any importable class or factory: `my_package.models:MyNet`
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from tunelab.config import check_kwargs
+from tunelab.errors import TunelabError
+from tunelab.registry import MODELS
+
+MODEL_JSON = "tunelab_model.json"
+
+
+@dataclass
+class ModelEntry:
+    build: Callable[..., nn.Module]
+    # Optional: write a self-describing folder (e.g. a Hugging Face folder) / rebuild from it.
+    save: Callable[[nn.Module, Path, dict[str, Any]], None] | None = None
+    load: Callable[[Path, dict[str, Any]], nn.Module] | None = None
+
+
+def register_model(name: str, save=None, load=None):
+    """Decorator: register a builder `fn(**kwargs) -> nn.Module` under `name`."""
+
+    def deco(fn):
+        MODELS.register(name, ModelEntry(fn, save, load))
+        return fn
+
+    return deco
+
+
+def _import_object(path: str) -> Any:
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise TunelabError(f"model `{path}`: cannot import module `{module_name}` ({e})") from e
+    try:
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError as e:
+        raise TunelabError(f"model `{path}`: module `{module_name}` has no `{attr}`") from e
+    return obj
+
+
+def resolve_builder(name: str) -> tuple[ModelEntry, dict[str, Any]]:
+    """The entry for `name` and the extra kwargs its name implies (`arch` for `source:arch`)."""
+    if ":" in name:
+        prefix, _, arch = name.partition(":")
+        if "." not in prefix and prefix in MODELS:
+            return MODELS.get(prefix), {"arch": arch}
+        return ModelEntry(_import_object(name)), {}
+    return MODELS.get(name), {}
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    entry, implied = resolve_builder(name)
+    check_kwargs(entry.build, {**implied, **kwargs}, "model")
+    model = entry.build(**implied, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise TunelabError(f"model `{name}` built a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def save_model_folder(model: nn.Module, folder: Path, spec: dict[str, Any]) -> None:
+    """Write `folder` so that `load_model_folder` rebuilds the model: the source's own format when it has
+    one (a Hugging Face folder), else model.safetensors plus tunelab_model.json naming the builder."""
+    from tunelab.weights import save_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    entry, _ = resolve_builder(spec["name"])
+    if entry.save is not None:
+        entry.save(model, folder, spec)
+    else:
+        save_state_dict(unwrap_model(model).state_dict(), folder / "model.safetensors")
+    (folder / MODEL_JSON).write_text(json.dumps(spec, indent=2))
+
+
+def load_model_folder(folder: Path) -> nn.Module:
+    from tunelab.weights import load_state_dict_file
+
+    meta = folder / MODEL_JSON
+    if not meta.is_file():
+        raise TunelabError(f"{folder}: no {MODEL_JSON}; is this a tunelab final/ or best/ folder?")
+    spec = json.loads(meta.read_text())
+    entry, implied = resolve_builder(spec["name"])
+    if entry.load is not None:
+        return entry.load(folder, spec)
+    model = entry.build(**implied, **spec.get("kwargs", {}))
+    state = load_state_dict_file(folder / "model.safetensors")
+    unwrap_model(model).load_state_dict(state, strict=True)
+    return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DDP/FSDP and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
