@@ -94,8 +94,8 @@ DATA = Registry(
 STRATEGIES = Registry(
     "strategy",
     {
-        name: "tunelab.strategies"
-        for name in ("full", "freeze", "finetune", "layerwise_lr", "gradual_unfreeze", "lora")
+        **{n: "tunelab.strategies" for n in ("full", "freeze", "finetune", "layerwise_lr", "gradual_unfreeze")},
+        "lora": "tunelab.strategies.lora",
     },
 )
 # `tunelab predict` and `tunelab generate` dispatch on the run's data source / model name.

@@ -36,6 +36,7 @@ class DataBundle:
     train_lengths: Sequence[int] | None = None
     eval_lengths: Sequence[int] | None = None
     info: dict[str, Any] = field(default_factory=dict)  # counts, skipped files, ... logged once
+    callbacks: list[Any] = field(default_factory=list)  # engine Callbacks the source adds (e.g. artefacts)
 
 
 def register_data(name: str):
