@@ -45,6 +45,9 @@ class Registry:
     def __contains__(self, name: str) -> bool:
         return name in self._entries or name in self._lazy
 
+    def lazy_modules(self) -> list[str]:
+        return list(self._lazy.values())
+
     def names(self) -> list[str]:
         return sorted(set(self._entries) | set(self._lazy))
 
@@ -102,8 +105,6 @@ STRATEGIES = Registry(
 PREDICTORS = Registry(
     "predictor",
     {
-        "digits": "tunelab.data.tabular",
-        "mnist": "tunelab.data.tabular",
         "text_classification": "tunelab.data.text",
         "image_folder": "tunelab.data.images",
         "image_csv": "tunelab.data.images",

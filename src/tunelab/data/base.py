@@ -59,11 +59,45 @@ def validate_options(model: type[BaseModel], cfg: RunConfig, section: str = "dat
 
 
 def collate_dicts(samples: list[Any]) -> dict[str, Any]:
-    """default_collate, with `(x, y)` samples named `inputs` / `labels`."""
+    """default_collate, with `(x, y)` samples named `inputs` / `labels`. A dict is an already collated
+    batch (from a dataset's `__getitems__` fast path) and passes through."""
+    if isinstance(samples, dict):
+        return samples
     if isinstance(samples[0], (tuple, list)) and len(samples[0]) == 2:
         x, y = default_collate(samples)
         return {"inputs": x, "labels": y}
     return default_collate(samples)
+
+
+class TensorDataset(Dataset):
+    """In-memory `inputs`/`labels` tensors, fetched a whole batch at a time (`__getitems__`)."""
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor):
+        if len(inputs) != len(labels):
+            raise ValueError(f"{len(inputs)} inputs but {len(labels)} labels")
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"inputs": self.inputs[i], "labels": self.labels[i]}
+
+    def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        t = torch.as_tensor(idx)
+        return {"inputs": self.inputs[t], "labels": self.labels[t]}
+
+
+def split_indices(n: int, fractions: Sequence[float], seed: int) -> list[torch.Tensor]:
+    """Seeded random split of range(n) into len(fractions)+1 parts (the last takes the rest)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    out, start = [], 0
+    for f in fractions:
+        k = int(round(f * n))
+        out.append(perm[start : start + k])
+        start += k
+    out.append(perm[start:])
+    return out[::-1]  # the remainder (train) first
 
 
 class ResumableBatchSampler(Sampler[list[int]]):

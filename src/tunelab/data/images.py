@@ -18,6 +18,7 @@ At the end of a run the `VisionReport` callback writes `confusion_matrix.png`, `
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import tempfile
@@ -35,7 +36,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from tunelab.config import LossSection, RunConfig
 from tunelab.data.base import DataBundle, register_data, validate_options
-from tunelab.errors import ConfigError, DataError
+from tunelab.errors import ConfigError, DataError, TunelabError
 from tunelab.paths import resolve_path
 from tunelab.registry import PREDICTORS
 from tunelab.tasks.base import Batch, model_outputs, register_task
@@ -43,6 +44,7 @@ from tunelab.tasks.classification import ClassificationTask
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 EVAL_SPLIT_NAMES = ("val", "valid", "validation")
+CLASSES_FILE = "classes.json"  # written into the run dir; the predictor's class names
 
 try:  # the engine's base class, when the engine is installed
     from tunelab.engine.callbacks import Callback as _CallbackBase
@@ -370,10 +372,9 @@ def _build(cfg: RunConfig, kind: str) -> DataBundle:
         info["skipped"] = skipped.summary()
         n = sum(len(v) for v in skipped.by_reason.values())
         warnings.warn(f"image data: skipped {n} file(s): {info['skipped']}", stacklevel=2)
-    callbacks: list[Any] = []
-    if opts.report and datasets["eval"] is not None:
-        batch_size = cfg.eval.batch_size or cfg.train.batch_size
-        callbacks.append(VisionReport(datasets["eval"], classes, batch_size, opts.misclassified_top_k))
+    report_on = datasets["eval"] if opts.report else None
+    batch_size = cfg.eval.batch_size or cfg.train.batch_size
+    callbacks = [VisionReport(info, report_on, classes, batch_size, opts.misclassified_top_k)]
     return DataBundle(
         train=train,
         eval=datasets["eval"],
@@ -608,13 +609,29 @@ def _is_rank_zero() -> bool:
 
 
 class VisionReport(_CallbackBase):
-    """At the end of fit, predict the eval split with the final model and write the report files."""
+    """Logs the image counts (and skipped files) at the start of fit; at the end, predicts the eval split
+    with the final model and writes the report files into the run dir."""
 
-    def __init__(self, dataset: ImageDataset, classes: list[str], batch_size: int, top_k: int = 25):
-        self.dataset, self.classes, self.batch_size, self.top_k = dataset, classes, batch_size, top_k
+    def __init__(
+        self,
+        info: dict[str, Any],
+        dataset: ImageDataset | None,
+        classes: list[str],
+        batch_size: int,
+        top_k: int = 25,
+    ):
+        self.info, self.dataset, self.classes = info, dataset, classes
+        self.batch_size, self.top_k = batch_size, top_k
+
+    def on_fit_start(self, trainer: Any) -> None:
+        if trainer.output_dir is not None and _is_rank_zero():  # `tunelab predict` reads the class names
+            text = json.dumps(self.classes)
+            _atomic_write(Path(trainer.output_dir) / CLASSES_FILE, lambda f: f.write(text))
+        if hasattr(trainer, "log"):
+            trainer.log("image_data", **self.info)
 
     def on_fit_end(self, trainer: Any, summary: dict[str, Any]) -> None:
-        if not _is_rank_zero():
+        if self.dataset is None or not _is_rank_zero():
             return
         model = getattr(trainer, "raw_model", None) or trainer.model
         device = getattr(trainer, "device", None) or next(model.parameters()).device
@@ -622,8 +639,9 @@ class VisionReport(_CallbackBase):
         result = write_report(
             Path(trainer.output_dir), self.dataset, self.classes, indices, probs, self.top_k
         )
+        summary["vision_report"] = {k: v for k, v in result.items() if k != "confusion_matrix"}
         if hasattr(trainer, "log"):
-            trainer.log("vision_report", **{k: v for k, v in result.items() if k != "confusion_matrix"})
+            trainer.log("vision_report", **result)
 
 
 # -- tunelab predict RUN_DIR --image PATH ... ------------------------------------------------------------
@@ -635,22 +653,43 @@ def _image_args(args: Any) -> list[str]:
     raise ConfigError("predict: give images with --image PATH [PATH ...]")
 
 
+def _run_class_names(run: Any, opts: ImageOptions) -> list[str] | None:
+    """The run's class names: its data bundle, classes.json in the run dir, the task, else the data files."""
+    data = getattr(run, "data", None)
+    if data is not None and data.label_names:
+        return list(data.label_names)
+    saved = Path(getattr(run, "run_dir", None) or ".") / CLASSES_FILE
+    if getattr(run, "run_dir", None) and saved.is_file():
+        return list(json.loads(saved.read_text()))
+    if getattr(run.task, "label_names", None):
+        return list(run.task.label_names)
+    if opts.classes:
+        return list(opts.classes)
+    try:
+        if opts.train_csv:
+            rows = _read_csv_rows(resolve_path(opts.train_csv), opts)
+            return _sort_class_names({r[2] for r in rows})
+        train_dir = _split_dirs(opts)[0]
+        return sorted(d.name for d in train_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except (TunelabError, OSError):
+        return None
+
+
 def predict_images(run: Any, args: Any) -> list[dict[str, Any]]:
     """Labels and probabilities for image files, with the run's eval transform."""
     cfg = run.cfg
     opts = validate_options(ImageOptions, cfg)
     _, eval_tf = build_transforms(cfg, opts)
-    classes = (run.data.label_names if getattr(run, "data", None) else None) or getattr(
-        run.task, "label_names", None
-    )
+    classes = _run_class_names(run, opts)
     model = run.model
     device = next(model.parameters()).device
     paths = _image_args(args)
     top_k = int(getattr(args, "top_k", None) or 5)
+    chunk_size = int(getattr(args, "batch_size", None) or 32)
     results: list[dict[str, Any]] = []
     model.eval()
-    for start in range(0, len(paths), 32):
-        chunk = paths[start : start + 32]
+    for start in range(0, len(paths), chunk_size):
+        chunk = paths[start : start + chunk_size]
         images = []
         for p in chunk:
             if not Path(p).is_file():

@@ -211,3 +211,9 @@ def timm_model(
     names = [classifier] if isinstance(classifier, str) else list(classifier)
     model.tunelab_head_patterns = [f"{n}.*" for n in names]
     return use_channels_last(model) if channels_last else model
+
+
+# The `image_classification` task (mixup/cutmix soft targets) lives with the image data sources; import them
+# so that a run rebuilt from its folder (`tunelab predict/eval`) finds the task by name even when it builds
+# no data. (Remove once the task registry's lazy table names `tunelab.data.images`.)
+import tunelab.data.images  # noqa: E402, F401

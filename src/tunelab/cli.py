@@ -1,0 +1,202 @@
+"""The `tunelab` command. Each subcommand builds the same objects as the Python API.
+
+Errors caused by the input (a TunelabError) print one line and exit with code 2; `--debug` shows the
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, default=float))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tunelab.config import load_config
+    from tunelab.run import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr))
+    metrics = {k: v for k, v in summary["metrics"].items() if isinstance(v, (int, float))}
+    print(f"{summary['status']}: step {summary['global_step']}, "
+          + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+          + f"; run dir {cfg.output_dir}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tunelab.run import evaluate_run
+
+    metrics = evaluate_run(args.run_dir, "best" if args.best else "final", args.overrides)
+    _print_json(metrics)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from tunelab.weights import describe_checkpoint
+
+    path = Path(args.checkpoint)
+    if path.is_dir() and (path / "model.safetensors").is_file():
+        path = path / "model.safetensors"
+    rows = describe_checkpoint(path)
+    width = max((len(n) for n, _, _ in rows), default=10)
+    total = 0
+    for name, shape, dtype in rows:
+        n = 1
+        for s in shape:
+            n *= s
+        total += n
+        print(f"{name:<{width}}  {str(list(shape)):<20} {dtype}")
+    print(f"{len(rows)} tensors, {total:,} values")
+    if args.against:
+        from tunelab.config import load_config
+        from tunelab.models import create_model
+        from tunelab.weights import load_pretrained
+
+        cfg = load_config(args.against, args.overrides)
+        model = create_model(cfg.model.name, **cfg.model.kwargs)
+        report = load_pretrained(model, path, allow_missing=cfg.pretrained.allow_missing,
+                                 rename=cfg.pretrained.rename, strict=False)
+        print()
+        print(report.table())
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tunelab.registry import PREDICTORS
+    from tunelab.run import load_run
+
+    run = load_run(args.run_dir, "best" if args.best else "final", with_data=False)
+    predictor = PREDICTORS.get(run.cfg.data.kwargs["name"])
+    rows = predictor(run, args)
+    if args.output:
+        out = Path(args.output)
+        if out.suffix == ".csv":
+            import csv
+
+            with open(out, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["label"])
+                writer.writeheader()
+                for r in rows:
+                    writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()})
+        else:
+            out.write_text("".join(json.dumps(r, default=float) + "\n" for r in rows))
+        print(f"wrote {len(rows)} predictions to {out}", file=sys.stderr)
+    else:
+        for r in rows:
+            _print_json(r)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tunelab.registry import GENERATORS
+
+    target = Path(args.target)
+    name = "hf_causal_lm"
+    if (target / "config.yaml").is_file():
+        from tunelab.config import load_config
+
+        name = load_config(target / "config.yaml").model.name.split(":")[0]
+    GENERATORS.get(name)(str(target), args)
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from tunelab.quickstart import quickstart
+
+    quickstart(args.output, overwrite=args.overwrite)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunelab", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a YAML recipe")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output.dir")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="re-evaluate a run's final (or best) weights; prints one JSON line")
+    p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--best", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("inspect", help="list a checkpoint's tensors; with --against, the LoadReport")
+    p.add_argument("checkpoint")
+    p.add_argument("--against", metavar="CONFIG")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("predict", help="labels and probabilities from a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    p.add_argument("--text-pair", action="append", help="second text for pair tasks (repeatable)")
+    p.add_argument("--image", nargs="+", help="image files to classify")
+    p.add_argument("--file", help="a CSV/TSV/JSONL file of inputs")
+    p.add_argument("--output", help="write predictions to .jsonl or .csv instead of stdout")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--best", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("generate", help="sample text from a run or a model")
+    p.add_argument("target", help="run dir, model folder or GGUF file")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--best", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("quickstart", help="the whole pipeline on the digits that scikit-learn ships")
+    p.add_argument("--output", default="runs/quickstart")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_quickstart)
+
+    # plug-in subcommands (lr-find, plan, report, export): each module defines add_parser(subparsers)
+    import importlib
+
+    from tunelab.registry import COMMANDS
+
+    for module_name in dict.fromkeys(COMMANDS.lazy_modules()):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue  # optional plug-in whose dependencies are not installed
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return args.func(args) or 0
+    except TunelabError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,638 @@
+"""Step 5 and 6: the training loop and streaming evaluation.
+
+One loop for every job. It reads top to bottom: build loaders -> (resume) -> for each optimizer step:
+fetch the micro-batches of one accumulation window, count their targets, forward/backward each with the
+loss divided by that total (so accumulation equals one big batch), clip, step, log, evaluate, checkpoint.
+Features hang off callbacks; the loop itself stays short.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from tunelab.config import (
+    EarlyStoppingSection,
+    EvalSection,
+    OptimSection,
+    RunConfig,
+    ScheduleSection,
+    TrainSection,
+)
+from tunelab.data.base import (
+    LengthGroupedBatchSampler,
+    ResumableBatchSampler,
+    SortedEvalBatchSampler,
+    collate_dicts,
+)
+from tunelab.engine.callbacks import Callback, EarlyStopping, is_better
+from tunelab.engine.checkpoint import (
+    CheckpointManager,
+    atomic_write_text,
+    rng_state,
+    set_rng_state,
+    torch_load,
+    torch_save,
+    verify_folder,
+    write_dir_atomically,
+)
+from tunelab.engine.distributed import DistInfo, all_reduce_sum, init_distributed
+from tunelab.errors import ConfigError, DataError, TrainingDiverged, TunelabError
+from tunelab.models import save_model_folder
+from tunelab.optim import build_optimizer, build_scheduler
+from tunelab.tasks.base import Task
+from tunelab.weights import load_state_dict_file, save_state_dict
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for fp32. `auto`: bf16 on GPUs that support it, fp32 elsewhere."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("`train.precision` = 'fp16' is not supported on CPU; use bf16 or fp32")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+class _SeededSamples(Dataset):
+    """Seeds the RNGs before each sample from (seed, epoch, index), so random augmentation in DataLoader
+    workers is reproducible after a resume (worker RNG state cannot be checkpointed)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        import random
+
+        import numpy as np
+
+        s = (self.seed * 1_000_003 + self.epoch * 7_919 + index) % (2**31)
+        torch.manual_seed(s)
+        random.seed(s)
+        np.random.seed(s)
+        return self.dataset[index]
+
+
+def _seed_worker(worker_id: int) -> None:  # deterministic worker RNG before the per-sample reseed
+    import random
+
+    import numpy as np
+
+    s = torch.initial_seed() % 2**31
+    random.seed(s)
+    np.random.seed(s)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        train_data: Dataset | None,
+        eval_data: Dataset | None = None,
+        *,
+        optim: OptimSection | None = None,
+        schedule: ScheduleSection | None = None,
+        train: TrainSection | None = None,
+        eval: EvalSection | None = None,
+        early_stopping: EarlyStoppingSection | None = None,
+        output_dir: str | Path | None = None,
+        callbacks: Sequence[Callback] = (),
+        collate_fn: Any = None,
+        lr_scales: dict[str, float] | None = None,
+        train_lengths: Sequence[int] | None = None,
+        eval_lengths: Sequence[int] | None = None,
+        strategy: Any = None,
+        config: RunConfig | None = None,
+        model_spec: dict[str, Any] | None = None,
+    ):
+        self.config = config
+        self.optim_cfg = optim or (config.optim if config else OptimSection())
+        self.schedule_cfg = schedule or (config.schedule if config else ScheduleSection())
+        self.train_cfg = train or (config.train if config else TrainSection())
+        self.eval_cfg = eval or (config.eval if config else EvalSection())
+        es = early_stopping or (config.early_stopping if config else EarlyStoppingSection())
+        self.output_dir = Path(output_dir) if output_dir else (config.output_dir if config else None)
+        self.task = task
+        self.train_data, self.eval_data = train_data, eval_data
+        self.collate_fn = collate_fn or collate_dicts
+        self.lr_scales = lr_scales
+        self.train_lengths, self.eval_lengths = train_lengths, eval_lengths
+        self.strategy = strategy
+        self.model_spec = model_spec
+        self.dist: DistInfo = init_distributed()
+        self.device = pick_device(self.train_cfg.device)
+        self.autocast_dtype = resolve_precision(self.train_cfg.precision, self.device)
+        self.raw_model = model.to(self.device)
+        self.model: nn.Module = self.raw_model
+        self.callbacks: list[Callback] = list(callbacks)
+        self.monitor = self.eval_cfg.monitor
+        self.monitor_mode = self.eval_cfg.mode or (task.monitor_mode(self.monitor) if self.monitor else "max")
+        if es.enabled:
+            monitor = es.monitor or self.monitor or task.default_monitor
+            mode = es.mode or task.monitor_mode(monitor)
+            self.callbacks.append(EarlyStopping(monitor, mode, es.patience, es.min_delta, es.restore_best))
+        self.global_step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.should_stop = False
+        self.stop_reason: str | None = None
+        self.best: dict[str, Any] | None = None
+        self.last_eval: dict[str, Any] | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        self._eval_loader: DataLoader | None = None
+        self._metrics_file = None
+        self._tb = None
+        self.log_on_start: dict[str, Any] = {}
+
+    # -- small helpers ------------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    def log(self, event: str, **fields: Any) -> None:
+        """Append one JSON object to metrics.jsonl (and scalars to TensorBoard), rank 0 only."""
+        if not self.is_main or self._metrics_file is None:
+            return
+        record = {"event": event, "step": self.global_step, "epoch": self.epoch, "time": time.time(), **fields}
+        self._metrics_file.write(json.dumps(record, default=float) + "\n")
+        self._metrics_file.flush()
+        if self._tb is not None:
+            for k, v in fields.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self._tb.add_scalar(f"{event}/{k}", v, self.global_step)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _set_train_mode(self) -> None:
+        self.model.train()
+        if self.strategy is not None and hasattr(self.strategy, "on_train_mode"):
+            self.strategy.on_train_mode(self.raw_model)
+
+    def _loader(self, dataset: Dataset, sampler: ResumableBatchSampler, seed: int) -> DataLoader:
+        workers = self.train_cfg.num_workers
+        return DataLoader(
+            _SeededSamples(dataset, seed) if workers > 0 else dataset,
+            batch_sampler=sampler,
+            collate_fn=self.collate_fn,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=_seed_worker if workers > 0 else None,
+            generator=torch.Generator().manual_seed(seed),  # keeps the global RNG untouched
+        )
+
+    def _train_sampler(self) -> ResumableBatchSampler:
+        kw = dict(seed=self.train_cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size)
+        bs = self.train_cfg.batch_size
+        if self.train_cfg.group_by_length:
+            if self.train_lengths is None:
+                raise ConfigError("`train.group_by_length` needs a data source that reports example lengths")
+            return LengthGroupedBatchSampler(self.train_lengths, bs, **kw)
+        return ResumableBatchSampler(len(self.train_data), bs, shuffle=True, **kw)
+
+    def steps_per_epoch(self, sampler: ResumableBatchSampler) -> int:
+        return math.ceil(len(sampler) / self.train_cfg.grad_accum)
+
+    # -- evaluation -------------------------------------------------------------------------------------
+    def evaluate(self, dataset: Dataset | None = None, max_batches: int | None = None) -> dict[str, Any]:
+        """Streaming evaluation: metrics are updated batch by batch; no logits are kept."""
+        dataset = dataset if dataset is not None else self.eval_data
+        if dataset is None:
+            raise TunelabError("no evaluation data: configure an eval split")
+        if dataset is self.eval_data and self._eval_loader is not None:
+            loader = self._eval_loader
+        else:
+            bs = self.eval_cfg.batch_size or self.train_cfg.batch_size
+            kw = dict(rank=self.dist.rank, world_size=1)
+            lengths = self.eval_lengths if dataset is self.eval_data else None
+            sampler = (SortedEvalBatchSampler(lengths, bs, **kw) if lengths is not None
+                       else ResumableBatchSampler(len(dataset), bs, shuffle=False, **kw))
+            if self.dist.enabled:  # each rank takes every world_size-th batch; metrics are all-reduced
+                batches = sampler.epoch_batches()[self.dist.rank :: self.dist.world_size]
+                sampler = _FixedBatches(batches)
+            loader = self._loader(dataset, sampler, seed=0)
+            if dataset is self.eval_data:
+                self._eval_loader = loader
+        max_batches = max_batches or self.eval_cfg.max_batches
+        metrics = self.task.metrics().to(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        with torch.inference_mode():
+            for i, batch in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                batch = to_device(batch, self.device)
+                with self._autocast():
+                    out = self.task.forward(self.model, batch)
+                metrics.update(out, batch, self.task.loss_sum(out, batch), self.task.count_targets(batch))
+        metrics.sync()
+        if was_training:
+            self._set_train_mode()
+        return metrics.compute()
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rng_state(),
+            "best": json.dumps(self.best),
+            "window": self._window,
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        if self._ckpt is None or not self.is_main:
+            return None
+        state = {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()}
+        path = self._ckpt.save(
+            self.global_step,
+            {
+                "model.safetensors": lambda p: save_state_dict(state, p),
+                "optimizer.pt": torch_save(self.optimizer.state_dict()),
+                "trainer_state.pt": torch_save(self._trainer_state()),
+            },
+        )
+        self.log("checkpoint", path=str(path))
+        return path
+
+    def _resume_from(self, path: Path) -> None:
+        verify_folder(path)
+        self.raw_model.load_state_dict(load_state_dict_file(path / "model.safetensors"))
+        self.optimizer.load_state_dict(torch_load(path / "optimizer.pt"))
+        state = torch_load(path / "trainer_state.pt")
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.global_step, self.epoch = state["global_step"], state["epoch"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        self.best = json.loads(state["best"])
+        self._window = state["window"]
+        for cb, cb_state in zip(self.callbacks, state["callbacks"]):
+            cb.load_state_dict(cb_state)
+        set_rng_state(state["rng"])
+
+    def _save_model_folder(self, folder: Path) -> None:
+        spec = self.model_spec or {"name": None, "class": type(self.raw_model).__qualname__}
+        if spec.get("name") is None:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_state_dict(self.raw_model.state_dict(), folder / "model.safetensors")
+            (folder / "tunelab_model.json").write_text(json.dumps(spec, indent=2))
+        else:
+            save_model_folder(self.raw_model, folder, spec)
+
+    def save_model(self, name: str) -> Path:
+        """Write `final/` or `best/` atomically (temporary folder, then rename)."""
+        final = self.output_dir / name
+        write_dir_atomically(final, self._save_model_folder)
+        return final
+
+    def _truncate_metrics(self) -> None:
+        """On resume, drop metrics.jsonl lines logged after the checkpoint (they will be logged again)."""
+        path = self.output_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.global_step]
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def _micro_batches(self, it: Iterator) -> tuple[list[Any], float]:
+        batches, t0 = [], time.perf_counter()
+        for _ in range(self.train_cfg.grad_accum):
+            try:
+                batches.append(next(it))
+            except StopIteration:
+                break
+        return batches, time.perf_counter() - t0
+
+    def _optimizer_step(self, micro: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over an accumulation window. Returns (loss sum, target count)."""
+        micro = [to_device(b, self.device) for b in micro]
+        counts = [self.task.count_targets(b) for b in micro]
+        total = all_reduce_sum(torch.stack(counts).sum().to(self.device).float())
+        if total.item() <= 0:
+            raise DataError(f"step {self.global_step + 1}: the batch has no targets (all labels ignored?)")
+        # DDP averages gradients over ranks; multiplying by world size makes the result sum/total.
+        scale = self.dist.world_size / total
+        loss_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro):
+            sync = i == len(micro) - 1 or not isinstance(self.model, nn.parallel.DistributedDataParallel)
+            with (contextlib.nullcontext() if sync else self.model.no_sync()), self._autocast():
+                out = self.task.forward(self.model, batch)
+                part = self.task.loss_sum(out, batch)
+            loss = part * scale
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            loss_sum += part.detach()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.train_cfg.clip_grad_norm:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.train_cfg.clip_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self._params if p.grad is not None])
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self._grad_norm = grad_norm
+        return loss_sum, all_reduce_sum(torch.stack(counts).sum().float())
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        cfg = self.train_cfg
+        if self.train_data is None or len(self.train_data) == 0:
+            raise DataError("the training dataset is empty")
+        if self.output_dir is None:
+            raise ConfigError("the Trainer needs an output_dir")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        self._params = [p for p in self.raw_model.parameters()]
+        self.optimizer = build_optimizer(self.raw_model, self.optim_cfg, self.lr_scales, self.device)
+        sampler = self._train_sampler()
+        if len(sampler) == 0:
+            raise DataError(f"the training set ({len(self.train_data)} examples) gives no batch on this rank")
+        steps_per_epoch = self.steps_per_epoch(sampler)
+        self.total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+        self.scheduler = build_scheduler(self.optimizer, self.schedule_cfg, self.total_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
+        self._ckpt = CheckpointManager(self.output_dir / "checkpoints", cfg.keep_last)
+        self._window = {"loss": 0.0, "targets": 0.0, "samples": 0, "tokens": 0, "time": 0.0, "data": 0.0, "steps": 0}
+        if resume:
+            path = self._ckpt.latest_valid(warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+            if path is None:
+                raise TunelabError(f"{self.output_dir}: --resume found no valid checkpoint to resume from")
+            self._resume_from(path)
+            if self.is_main:
+                self._truncate_metrics()
+                print(f"resumed from {path} (step {self.global_step})", file=sys.stderr)
+        if cfg.compile:
+            self.model = torch.compile(self.raw_model)
+        if self.dist.enabled:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if self.is_main:
+            self._metrics_file = open(self.output_dir / "metrics.jsonl", "a")
+            self._tb = self._tensorboard()
+        return self._run(sampler, steps_per_epoch)
+
+    def _tensorboard(self):
+        want = self.config.output.tensorboard if self.config else None
+        if want is False:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            if want:
+                raise ConfigError("`output.tensorboard` = true needs tensorboard: pip install 'tunelab[tb]'")
+            return None
+        return SummaryWriter(str(self.output_dir / "tb"))
+
+    def _run(self, sampler: ResumableBatchSampler, steps_per_epoch: int) -> dict[str, Any]:
+        cfg = self.train_cfg
+        start_wall = time.perf_counter()
+        train_time, samples, tokens, status, error = 0.0, 0, 0, "completed", None
+        has_tokens = False
+        eval_each_epoch = self.eval_cfg.every is None
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        if self.global_step == 0:
+            self.log("start", total_steps=self.total_steps, steps_per_epoch=steps_per_epoch,
+                     train_examples=len(self.train_data), device=str(self.device),
+                     precision=str(self.autocast_dtype or "fp32"), **self.log_on_start)
+        progress = self._progress_bar()
+        loader = self._loader(self.train_data, sampler, seed=cfg.seed)
+        self._set_train_mode()
+        try:
+            while not self._done():
+                sampler.set_epoch(self.epoch, start=self.batch_in_epoch)
+                if isinstance(loader.dataset, _SeededSamples):
+                    loader.dataset.epoch = self.epoch
+                if self.strategy is not None:
+                    self.strategy.on_epoch_start(self.raw_model, self.epoch)
+                    self._set_train_mode()
+                for cb in self.callbacks:
+                    cb.on_epoch_start(self, self.epoch)
+                it = iter(loader)
+                while not self._done():
+                    t0 = time.perf_counter()
+                    micro, data_s = self._micro_batches(it)
+                    if not micro:
+                        break
+                    self.batch_in_epoch += len(micro)
+                    loss_sum, n = self._optimizer_step(micro)
+                    self.global_step += 1
+                    if not torch.isfinite(loss_sum):
+                        raise TrainingDiverged(
+                            f"loss became {float(loss_sum)} at step {self.global_step}: the learning rate is "
+                            f"likely too high (lower optim.lr, add warmup or train.clip_grad_norm); "
+                            f"the last good checkpoint and best/ are kept", self.global_step)
+                    n_samples = sum(self.task.batch_size(b) for b in micro)
+                    n_tokens = [self.task.count_tokens(b) for b in micro]
+                    has_tokens = has_tokens or n_tokens[0] is not None
+                    step_s = time.perf_counter() - t0
+                    train_time += step_s
+                    samples += n_samples
+                    tokens += sum(t or 0 for t in n_tokens)
+                    self._accumulate(float(loss_sum), float(n), n_samples, sum(t or 0 for t in n_tokens),
+                                     step_s, data_s)
+                    if progress is not None:
+                        progress.update(1)
+                    if self.global_step % cfg.log_every == 0 or self.global_step == self.total_steps:
+                        self._log_train(progress, has_tokens)
+                    if self.eval_data is not None and self.eval_cfg.every and (
+                        self.global_step % self.eval_cfg.every == 0
+                    ):
+                        self._evaluate_and_track()
+                    if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if self.should_stop:
+                        break
+                else:
+                    pass
+                if self._done():
+                    break
+                # end of the epoch
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                if self.eval_data is not None and eval_each_epoch and not self._done():
+                    self._evaluate_and_track()
+        except TrainingDiverged as e:
+            status, error = "failed", str(e)
+            self.log("diverged", message=str(e))
+        finally:
+            if progress is not None:
+                progress.close()
+        if status == "completed" and self.should_stop:
+            status = "stopped_early"
+        summary = self._finish(status, error, start_wall, train_time, samples, tokens if has_tokens else None)
+        if error is not None:
+            raise TrainingDiverged(error, self.global_step)
+        return summary
+
+    def _done(self) -> bool:
+        cfg = self.train_cfg
+        if self.should_stop:
+            return True
+        if cfg.max_steps is not None:
+            return self.global_step >= cfg.max_steps
+        return self.epoch >= cfg.epochs
+
+    def _progress_bar(self):
+        show = self.is_main and (self.config.output.progress if self.config else True)
+        if not show:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.global_step, desc="train", unit="step",
+                    dynamic_ncols=True, file=sys.stderr, disable=not sys.stderr.isatty())
+
+    def _accumulate(self, loss: float, n: float, samples: int, tokens: int, step_s: float, data_s: float):
+        w = self._window
+        w["loss"] += loss
+        w["targets"] += n
+        w["samples"] += samples
+        w["tokens"] += tokens
+        w["time"] += step_s
+        w["data"] += data_s
+        w["steps"] += 1
+
+    def _log_train(self, progress, has_tokens: bool) -> None:
+        w = self._window
+        if not w["steps"]:
+            return
+        loss = w["loss"] / max(w["targets"], 1e-12)
+        lr = self.scheduler.get_last_lr()[0]
+        fields = {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": float(self._grad_norm),
+            "samples_per_s": w["samples"] / max(w["time"], 1e-9),
+            "step_time_s": w["time"] / w["steps"],
+            "data_wait_frac": w["data"] / max(w["time"], 1e-9),
+        }
+        if has_tokens:
+            fields["tokens_per_s"] = w["tokens"] / max(w["time"], 1e-9)
+        for cb in self.callbacks:
+            cb.on_step_end(self, fields)
+        self.log("train", **fields)
+        if progress is not None:
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                                 sps=f"{fields['samples_per_s']:.0f}", refresh=False)
+        self._window = {k: 0.0 if isinstance(v, float) else 0 for k, v in w.items()}
+
+    def _evaluate_and_track(self) -> dict[str, Any]:
+        metrics = self.evaluate()
+        self.last_eval = {"step": self.global_step, **metrics}
+        self.log("eval", **metrics)
+        if self.monitor:
+            if self.monitor not in metrics:
+                raise ConfigError(f"`eval.monitor` = {self.monitor!r} is not an eval metric; available: "
+                                  f"{', '.join(k for k, v in metrics.items() if isinstance(v, (int, float)))}")
+            value = float(metrics[self.monitor])
+            if is_better(value, self.best["value"] if self.best else None, self.monitor_mode):
+                self.best = {"metric": self.monitor, "value": value, "step": self.global_step}
+                if self.is_main:
+                    self.save_model("best")
+                self.log("best", **self.best)
+        for cb in self.callbacks:
+            cb.on_eval_end(self, metrics)
+        return metrics
+
+    def _finish(self, status: str, error: str | None, start_wall: float, train_time: float, samples: int,
+                tokens: int | None) -> dict[str, Any]:
+        restored = False
+        for cb in self.callbacks:
+            restored = bool(cb.on_train_end(self)) or restored  # e.g. early stopping restores best weights
+        if status != "failed" and self.eval_data is not None:
+            if restored:
+                self.last_eval = {"step": self.global_step, **self.evaluate()}
+                self.log("eval", restored_best=True, **{k: v for k, v in self.last_eval.items() if k != "step"})
+            elif self.last_eval is None or self.last_eval["step"] != self.global_step:
+                self._evaluate_and_track()
+        summary: dict[str, Any] = {
+            "status": status,
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "metrics": {k: v for k, v in (self.last_eval or {}).items() if k != "step"},
+            "best": self.best,
+            "train_samples_per_s": samples / train_time if train_time else None,
+            "train_tokens_per_s": tokens / train_time if (tokens is not None and train_time) else None,
+            "wall_s": time.perf_counter() - start_wall,
+            "peak_rss_mb": peak_rss_mb(),
+        }
+        if self.device.type == "cuda":
+            summary["peak_gpu_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        if error:
+            summary["error"] = error
+        if self.stop_reason:
+            summary["stop_reason"] = self.stop_reason
+        for cb in self.callbacks:
+            cb.on_fit_end(self, summary)
+        if self.is_main:
+            if status != "failed":
+                self.save_model("final")
+            self.log("end", **{k: v for k, v in summary.items() if k not in ("metrics", "best")})
+            atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2, default=float))
+            if self._metrics_file is not None:
+                self._metrics_file.close()
+                self._metrics_file = None
+            if self._tb is not None:
+                self._tb.close()
+        return summary
+
+
+class _FixedBatches(ResumableBatchSampler):
+    def __init__(self, batches: list[list[int]]):
+        super().__init__(sum(map(len, batches)), 1, shuffle=False)
+        self._batches = batches
+
+    def epoch_batches(self) -> list[list[int]]:
+        return self._batches

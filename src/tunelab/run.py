@@ -1,0 +1,204 @@
+"""From a RunConfig to a trained run directory, and back from a run directory to a model.
+
+The six steps, in order: data -> (1) model -> (2) init -> (3) pretrained weights -> strategy ->
+(4) task/loss + optimizer (inside the Trainer) -> (5) train -> (6) evaluate.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from tunelab.config import RunConfig, load_config
+from tunelab.data.base import DataBundle, build_data
+from tunelab.engine.checkpoint import atomic_write_text
+from tunelab.engine.trainer import Trainer
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.models import create_model, load_model_folder
+from tunelab.strategies import Strategy, build_strategy
+from tunelab.tasks.base import Task, build_task
+from tunelab.weights import LoadReport, count_parameters, init_weights, load_pretrained
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class BuiltRun:
+    cfg: RunConfig
+    model: nn.Module
+    task: Task
+    data: DataBundle
+    strategy: Strategy
+    lr_scales: dict[str, float] | None
+    load_report: LoadReport | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def model_spec(cfg: RunConfig) -> dict[str, Any]:
+    return {"name": cfg.model.name, "kwargs": cfg.model.kwargs}
+
+
+def build_task_from_config(cfg: RunConfig, data: DataBundle | None) -> Task:
+    kwargs = dict(cfg.task.kwargs)
+    name = kwargs.pop("name")
+    if name == "classification":
+        if "num_classes" not in kwargs and data is not None and data.num_classes:
+            kwargs["num_classes"] = data.num_classes
+        if "labels" not in kwargs and data is not None and data.label_names:
+            kwargs["labels"] = data.label_names
+    return build_task(name, loss=cfg.loss, **kwargs)
+
+
+def build_run(cfg: RunConfig, log=print) -> BuiltRun:
+    seed_everything(cfg.train.seed)
+    data = build_data(cfg)
+    task = build_task_from_config(cfg, data)
+    for split, ds in (("train", data.train), ("eval", data.eval)):
+        if ds is not None:
+            task.check_dataset(ds, split)
+    # 1. define
+    model = create_model(cfg.model.name, **cfg.model.kwargs)
+    # 2. initialise
+    if cfg.init.scheme:
+        init_weights(model, cfg.init.scheme, **cfg.init.kwargs)
+    # 3. pretrained weights
+    report = None
+    if cfg.pretrained.path:
+        report = load_pretrained(
+            model, cfg.pretrained.path, allow_missing=cfg.pretrained.allow_missing,
+            rename=cfg.pretrained.rename, strict=cfg.pretrained.strict,
+        )
+        log(report.table())
+    strategy = build_strategy(cfg)
+    model, lr_scales = strategy.setup(model)
+    return BuiltRun(cfg, model, task, data, strategy, lr_scales, report)
+
+
+def make_trainer(run: BuiltRun, callbacks: list | None = None) -> Trainer:
+    cfg = run.cfg
+    return Trainer(
+        run.model, run.task, run.data.train, run.data.eval, config=cfg,
+        callbacks=list(run.data.callbacks) + list(callbacks or []),
+        collate_fn=run.data.collate_fn, lr_scales=run.lr_scales,
+        train_lengths=run.data.train_lengths, eval_lengths=run.data.eval_lengths,
+        strategy=run.strategy, model_spec=model_spec(cfg),
+    )
+
+
+def prepare_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+    out = cfg.output_dir
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"`output.dir` = {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if resume:
+            return out
+        if not overwrite:
+            raise ConfigError(
+                f"{out}: output folder is not empty; pass --resume to continue that run or --overwrite "
+                f"to replace it (or choose another output.dir=...)"
+            )
+        shutil.rmtree(out)
+    elif resume:
+        raise ConfigError(f"{out}: nothing to resume (the output folder is empty or missing)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def default_callbacks(cfg: RunConfig) -> list:
+    """Callbacks every CLI run gets: the run doctor and the end-of-run report (when installed)."""
+    callbacks = []
+    try:
+        from tunelab.insight import default_callbacks as insight_callbacks
+    except ImportError:
+        return callbacks
+    callbacks += insight_callbacks(cfg)
+    return callbacks
+
+
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict[str, Any]:
+    """Build everything from `cfg`, train, evaluate; returns summary.json's content."""
+    prepare_output_dir(cfg, resume, overwrite)
+    if cfg.optim.lr == "auto":
+        from tunelab.insight.lr_finder import resolve_auto_lr
+
+        cfg = resolve_auto_lr(cfg, log=log)
+    return fit_run(build_run(cfg, log=log), resume=resume, log=log)
+
+
+def fit_run(run: BuiltRun, resume: bool = False, log=print) -> dict[str, Any]:
+    """Train a built run into `cfg.output_dir` (which `prepare_output_dir` has checked)."""
+    cfg, out = run.cfg, run.cfg.output_dir
+    total, trainable = count_parameters(run.model)
+    n_train = len(run.data.train) if run.data.train is not None else 0
+    n_eval = len(run.data.eval) if run.data.eval is not None else 0
+    log(f"model {cfg.model.name}: {total:,} parameters, {trainable:,} trainable; "
+        f"train {n_train} examples, eval {n_eval}")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", cfg.to_yaml())
+    if run.load_report is not None:
+        atomic_write_text(out / "load_report.json", json.dumps(run.load_report.to_dict(), indent=2))
+    trainer = make_trainer(run, default_callbacks(cfg))
+    if run.data.info:
+        trainer.log_on_start = {"data": run.data.info}
+    return trainer.fit(resume=resume)
+
+
+# -- loading a finished run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedRun:
+    cfg: RunConfig
+    model: nn.Module
+    task: Task
+    data: DataBundle | None
+    run_dir: Path
+
+
+def load_run(run_dir: str | Path, which: str = "final", overrides: list[str] | None = None,
+             with_data: bool = True) -> LoadedRun:
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise TunelabError(f"{run_dir}: not a tunelab run folder (no config.yaml)")
+    cfg = load_config(cfg_path, overrides)
+    folder = run_dir / which
+    if not folder.is_dir():
+        hint = " (no metric was monitored: set eval.monitor)" if which == "best" else ""
+        raise TunelabError(f"{run_dir}: no {which}/ folder{hint}; did the run finish?")
+    from tunelab.engine.checkpoint import verify_folder
+
+    verify_folder(folder)
+    model = load_model_folder(folder)
+    data = build_data(cfg) if with_data else None
+    task = build_task_from_config(cfg, data)
+    return LoadedRun(cfg, model, task, data, run_dir)
+
+
+def evaluate_run(run_dir: str | Path, which: str = "final", overrides: list[str] | None = None) -> dict:
+    run = load_run(run_dir, which, overrides)
+    if run.data.eval is None:
+        raise TunelabError(f"{run_dir}: the run's data has no eval split")
+    cfg = run.cfg.model_copy(deep=True)
+    cfg.output.progress = False
+    trainer = Trainer(run.model, run.task, run.data.train, run.data.eval, config=cfg,
+                      collate_fn=run.data.collate_fn, eval_lengths=run.data.eval_lengths,
+                      output_dir=run_dir)
+    return trainer.evaluate()
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)

@@ -1,0 +1,96 @@
+"""LoRA (and QLoRA where bitsandbytes and CUDA exist) with peft.
+
+`strategy: {name: lora, r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}`
+QLoRA: add `model.quantize: 4bit` (the base loads in NF4; only on CUDA with bitsandbytes, else a clear error).
+
+The base weights freeze; low-rank adapters train. `target_modules` is peft's: `all-linear`, a list of
+module-name suffixes (`[q_proj, v_proj]`) or a regex. A run's final/ folder then holds only the adapter
+(PEFT format) and points at the base model, see tunelab.models.llm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from tunelab.errors import ConfigError
+from tunelab.registry import STRATEGIES
+from tunelab.strategies import Strategy
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct leaf names of the Linear layers (what `target_modules` can name)."""
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return sorted(names)
+
+
+@STRATEGIES.register("lora")
+class LoRA(Strategy):
+    """Low-rank adapters on the named modules; everything else frozen."""
+
+    name = "lora"
+
+    def __init__(
+        self,
+        r: int = 16,
+        alpha: float = 32,
+        dropout: float = 0.05,
+        target_modules: str | list[str] = "all-linear",
+        modules_to_save: list[str] | None = None,
+        bias: str = "none",
+        use_rslora: bool = False,
+    ):
+        if r <= 0:
+            raise ConfigError(f"`strategy.r` = {r} must be a positive rank, e.g. 8 or 16")
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"`strategy.dropout` = {dropout} must be in [0, 1)")
+        if bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"`strategy.bias` = {bias!r} is invalid; use none, all or lora_only")
+        self.r, self.alpha, self.dropout, self.bias = r, alpha, dropout, bias
+        self.target_modules, self.modules_to_save = target_modules, modules_to_save
+        self.use_rslora = use_rslora
+
+    def lora_config(self, task_type: str | None = None) -> Any:
+        """The peft LoraConfig (CAUSAL_LM task type for generative models, so the adapter saves as such)."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            modules_to_save=self.modules_to_save,
+            bias=self.bias,
+            use_rslora=self.use_rslora,
+            task_type=task_type,
+        )
+
+    def setup(self, model: nn.Module) -> tuple[nn.Module, dict[str, float] | None]:
+        from peft import PeftModel, get_peft_model
+
+        if isinstance(model, PeftModel):  # e.g. a LoRA run's final/ folder loaded again: train its adapter
+            for n, p in model.named_parameters():
+                p.requires_grad_("lora_" in n)
+            return model, None
+        if getattr(model, "is_loaded_in_4bit", False):  # QLoRA: model.quantize: 4bit (CUDA + bitsandbytes)
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        task_type = "CAUSAL_LM" if hasattr(model, "generate") and hasattr(model, "config") else None
+        config = self.lora_config(task_type)
+        try:
+            peft_model = get_peft_model(model, config)
+        except ValueError as e:
+            if "not found in the base model" in str(e) or "Target modules" in str(e):
+                raise ConfigError(
+                    f"`strategy.target_modules` = {self.target_modules!r} matches no module; "
+                    f"Linear modules here: {', '.join(linear_module_names(model))} (or use all-linear)"
+                ) from e
+            raise
+        return peft_model, None
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        out = super().describe(model)
+        out.update(r=self.r, alpha=self.alpha, target_modules=self.target_modules)
+        return out
