@@ -64,7 +64,12 @@ class TextTokenizer(ABC):
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
             extra = self._save_files(tmp)
-            meta = {"type": self.kind, "vocab_size": self.vocab_size, "fingerprint": self.fingerprint(), **extra}
+            meta = {
+                "type": self.kind,
+                "vocab_size": self.vocab_size,
+                "fingerprint": self.fingerprint(),
+                **extra,
+            }
             (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
             if folder.exists():
                 shutil.rmtree(folder)
@@ -161,7 +166,9 @@ class BPETokenizer(TextTokenizer):
 
     def encode_corpus(self, text: str) -> np.ndarray:
         encodings = self.tok.encode_batch(list(_chunks(text)))
-        return np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in encodings] or [np.zeros(0, np.int64)])
+        return np.concatenate(
+            [np.asarray(e.ids, dtype=np.int64) for e in encodings] or [np.zeros(0, np.int64)]
+        )
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
@@ -190,7 +197,9 @@ class HFTokenizer(TextTokenizer):
         try:
             return cls(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
         except (OSError, ValueError) as e:
-            raise ConfigError(f"`data.tokenizer` = {str(path)!r}: cannot load a tokenizer from it ({e})") from e
+            raise ConfigError(
+                f"`data.tokenizer` = {str(path)!r}: cannot load a tokenizer from it ({e})"
+            ) from e
 
     @property
     def vocab_size(self) -> int:

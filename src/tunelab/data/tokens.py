@@ -125,7 +125,9 @@ def prepare_tokens(opts: TokensOptions) -> Path:
     key_fields = {
         "v": CACHE_VERSION,
         "corpus": _file_sha256(corpus),
-        "tokenizer": opts.tokenizer if opts.tokenizer in ("char", "bpe") else str(resolve_path(opts.tokenizer)),
+        "tokenizer": opts.tokenizer
+        if opts.tokenizer in ("char", "bpe")
+        else str(resolve_path(opts.tokenizer)),
         "vocab_size": opts.vocab_size,
         "val_fraction": opts.val_fraction,
         "dtype": opts.dtype,
@@ -204,7 +206,9 @@ def build(cfg: RunConfig) -> DataBundle:
     opts = validate_options(TokensOptions, cfg)
     block_size = opts.block_size or _model_block_size(cfg)
     if block_size is None:
-        raise ConfigError("`data.block_size` is required (tokens per training window), e.g. data.block_size=256")
+        raise ConfigError(
+            "`data.block_size` is required (tokens per training window), e.g. data.block_size=256"
+        )
     model_block = _model_block_size(cfg)
     if model_block and block_size > int(model_block):
         raise ConfigError(

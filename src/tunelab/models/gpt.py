@@ -106,7 +106,9 @@ def gpt_config(size: str | None = None, **overrides: Any) -> GPTConfig:
     base: dict[str, Any] = {}
     if size is not None:
         if size not in SIZES:
-            raise ConfigError(f"`model.size` = {size!r} is unknown{did_you_mean(size, SIZES)}; known: {', '.join(SIZES)}")
+            raise ConfigError(
+                f"`model.size` = {size!r} is unknown{did_you_mean(size, SIZES)}; known: {', '.join(SIZES)}"
+            )
         base = dict(SIZES[size])
     known = {f.name for f in fields(GPTConfig)}
     for key, value in overrides.items():
@@ -138,7 +140,9 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
 
 def rope_cache(cfg: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (block_size, head_dim) in the "rotate half" layout Hugging Face Llama uses."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+    inv_freq = 1.0 / (
+        cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+    )
     angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
@@ -162,7 +166,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim],
+            dim=-1,
         )
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)

@@ -23,7 +23,9 @@ from tunelab.models.gpt import GPT, GPTConfig
 def hf_llama_config(cfg: GPTConfig) -> dict[str, Any]:
     """config.json content for a `llama`-flavour GPTConfig."""
     if cfg.flavour != "llama":
-        raise ConfigError(f"only the `llama` flavour exports as a Hugging Face Llama (this model is `{cfg.flavour}`)")
+        raise ConfigError(
+            f"only the `llama` flavour exports as a Hugging Face Llama (this model is `{cfg.flavour}`)"
+        )
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -57,7 +59,10 @@ def _layer_pairs(cfg: GPTConfig, i: int) -> list[tuple[str, str]]:
         (n + "mlp.proj.weight", h + "mlp.down_proj.weight"),
     ]
     if cfg.bias:
-        pairs += [(n + "attn.proj.bias", h + "self_attn.o_proj.bias"), (n + "mlp.proj.bias", h + "mlp.down_proj.bias")]
+        pairs += [
+            (n + "attn.proj.bias", h + "self_attn.o_proj.bias"),
+            (n + "mlp.proj.bias", h + "mlp.down_proj.bias"),
+        ]
     return pairs
 
 
@@ -97,16 +102,18 @@ def export_hf_llama(model: GPT, folder: str | Path, tokenizer: Any = None) -> Pa
         else:
             from transformers import PreTrainedTokenizerFast
 
-            PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok, eos_token="<|endoftext|>").save_pretrained(
-                str(folder)
-            )
+            PreTrainedTokenizerFast(
+                tokenizer_object=tokenizer.tok, eos_token="<|endoftext|>"
+            ).save_pretrained(str(folder))
     return folder
 
 
 def gpt_config_from_hf(config: dict[str, Any]) -> GPTConfig:
     """The GPTConfig of a Hugging Face Llama config.json (refusing what the native model cannot express)."""
     if config.get("model_type") not in ("llama", None):
-        raise ConfigError(f"config.json model_type {config.get('model_type')!r}: only `llama` imports natively")
+        raise ConfigError(
+            f"config.json model_type {config.get('model_type')!r}: only `llama` imports natively"
+        )
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise ConfigError(
@@ -117,7 +124,9 @@ def gpt_config_from_hf(config: dict[str, Any]) -> GPTConfig:
         raise ConfigError(f"hidden_act {config['hidden_act']!r}: the native Llama flavour uses silu")
     n_embd, n_head = config["hidden_size"], config["num_attention_heads"]
     if config.get("head_dim") not in (None, n_embd // n_head):
-        raise ConfigError(f"head_dim {config['head_dim']} != hidden_size / num_attention_heads: not supported")
+        raise ConfigError(
+            f"head_dim {config['head_dim']} != hidden_size / num_attention_heads: not supported"
+        )
     if config.get("attention_bias", False) != config.get("mlp_bias", False):
         raise ConfigError("attention_bias and mlp_bias differ: the native model has one `bias` switch")
     return GPTConfig(
@@ -173,10 +182,14 @@ def import_hf_llama(folder: str | Path, block_size: int | None = None) -> GPT:
             ours[f"{n}attn.qkv.{suffix}"] = torch.cat(
                 [theirs.pop(f"{h}self_attn.{p}_proj.{suffix}") for p in ("q", "k", "v")]
             )
-            ours[f"{n}mlp.fc.{suffix}"] = torch.cat([theirs.pop(f"{h}mlp.{p}_proj.{suffix}") for p in ("gate", "up")])
+            ours[f"{n}mlp.fc.{suffix}"] = torch.cat(
+                [theirs.pop(f"{h}mlp.{p}_proj.{suffix}") for p in ("gate", "up")]
+            )
     leftover = [k for k in theirs if "rotary_emb" not in k]
     if leftover:
-        raise ConfigError(f"{folder}: {len(leftover)} tensors do not map to the native model, e.g. {leftover[0]}")
+        raise ConfigError(
+            f"{folder}: {len(leftover)} tensors do not map to the native model, e.g. {leftover[0]}"
+        )
     model.load_state_dict(ours, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
