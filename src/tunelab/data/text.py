@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from tunelab.config import RunConfig
 from tunelab.data.base import DataBundle, register_data, validate_options
+from tunelab.engine.callbacks import Callback
 from tunelab.errors import ConfigError, DataError
 from tunelab.registry import PREDICTORS
 
@@ -466,6 +467,25 @@ class PadCollator:
 # ---------------------------------------------------------------------------------------------------
 
 
+class LabelNames(Callback):
+    """Writes the data's label names into a Hugging Face model's config (id2label / label2id) when the
+    config still has the default `LABEL_i` names, so that final/ carries them without `model.id2label`."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+
+    def on_fit_start(self, trainer: Any) -> None:
+        config = getattr(trainer.raw_model, "config", None)
+        if config is None or not hasattr(config, "id2label"):
+            return
+        current = {int(k): v for k, v in config.id2label.items()}
+        if current != {i: f"LABEL_{i}" for i in range(len(current))}:
+            return  # the user named the labels in model.id2label
+        n = config.num_labels
+        config.id2label = {i: self.names[i] if i < len(self.names) else f"LABEL_{i}" for i in range(n)}
+        config.label2id = {v: k for k, v in config.id2label.items()}
+
+
 def _tokenizer_path(opts: TextClassificationOptions, cfg: RunConfig) -> str:
     path = opts.tokenizer or cfg.model.kwargs.get("path")
     if not path:
@@ -556,6 +576,7 @@ def build_text_classification(cfg: RunConfig) -> DataBundle:
         train_lengths=train.lengths,
         eval_lengths=evaluation.lengths if evaluation is not None else None,
         info=info,
+        callbacks=[LabelNames(names)],
     )
 
 
@@ -628,6 +649,13 @@ def predict(run: Any, args: Any) -> list[dict[str, Any]]:
             pairs = _texts(rows, opts.text_pair_column, "text_pair_column")
     elif text is not None:
         texts = [text] if isinstance(text, str) else list(text)
+        pair = _arg(args, "text_pair")
+        if pair is not None:
+            pairs = [pair] if isinstance(pair, str) else list(pair)
+            if len(pairs) != len(texts):
+                raise ConfigError(
+                    f"predict: {len(texts)} --text but {len(pairs)} --text-pair; give one pair per text"
+                )
     else:
         raise ConfigError('predict: give --text "..." or --file in.csv')
     batch_size = _arg(args, "batch_size") or run.cfg.eval.batch_size or run.cfg.train.batch_size

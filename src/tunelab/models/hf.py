@@ -9,7 +9,10 @@ is a plain Hugging Face folder (config.json with id2label, model.safetensors, to
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
+import types
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,9 @@ TOKENIZER_FILES = (
 )
 # Parameters a linear probe (`strategy.name: freeze`) trains; everything else is the encoder.
 HEAD_PATTERNS = ["classifier.*", "score.*"]
+_LAYER_RE = re.compile(r"\.(?:layer|layers|h|block)\.(\d+)\.")
+# Heads that read only the first position of the last hidden state (through the pooler).
+_CLS_POOLED_CLASSES = {"BertForSequenceClassification"}
 
 
 def resolve_model_path(path: str | os.PathLike) -> str:
@@ -94,9 +100,91 @@ def _label_maps(
     return n, mapping
 
 
-def _mark(model: nn.Module, tokenizer_source: str) -> nn.Module:
+def encoder_layer_groups(model: nn.Module) -> list[list[str]]:
+    """Parameter names from input to head: embeddings, each encoder layer (the pooler joins the last
+    one), then the head. Used by `layerwise_lr`, `gradual_unfreeze` and `finetune`."""
+    embed: list[str] = []
+    layers: dict[int, list[str]] = {}
+    rest: list[str] = []
+    head: list[str] = []
+    for name, _ in model.named_parameters():
+        match = _LAYER_RE.search(name)
+        if any(fnmatch.fnmatch(name, p) for p in HEAD_PATTERNS):
+            head.append(name)
+        elif match:
+            layers.setdefault(int(match.group(1)), []).append(name)
+        elif ".embeddings." in f".{name}" or "embed" in name.split(".")[-2]:
+            embed.append(name)
+        else:
+            rest.append(name)  # pooler and other top-of-encoder parts
+    groups = [embed] + [layers[i] for i in sorted(layers)]
+    if rest:
+        if len(groups) > 1:
+            groups[-1] = groups[-1] + rest
+        else:
+            groups.append(rest)
+    return [g for g in groups if g] + ([head] if head else [])
+
+
+def _cls_only_last_layer(model: nn.Module) -> bool:
+    """Make a BERT-style classifier's last encoder layer compute only the first ([CLS]) position.
+
+    The pooler and classifier read only position 0 of the last layer, so its attention query, output
+    projection and feed-forward for the other positions are wasted work (about 1/7 of the encoder's
+    FLOPs with 6 layers). Keys and values still use every position, so the logits are the same (checked
+    in tests). Returns False, leaving the model as it is, where the structure is not BERT's."""
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    encoder = getattr(base, "encoder", None)
+    layers = getattr(encoder, "layer", None)
+    pooler = getattr(base, "pooler", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0 or pooler is None:
+        return False
+    if type(model).__name__ not in _CLS_POOLED_CLASSES:
+        return False
+    last = layers[-1]
+    attn = getattr(getattr(last, "attention", None), "self", None)
+    if attn is None or not all(hasattr(attn, k) for k in ("query", "key", "value", "attention_head_size")):
+        return False
+    if getattr(last, "add_cross_attention", False) or getattr(last, "is_decoder", False):
+        return False
+    last.forward = types.MethodType(_cls_layer_forward, last)
+    return True
+
+
+def _cls_layer_forward(self: nn.Module, hidden_states, attention_mask=None, *args: Any, **kwargs: Any):
+    """BertLayer.forward for the [CLS] position only: returns hidden states of shape (batch, 1, dim)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.bert.modeling_bert import eager_attention_forward
+
+    sa = self.attention.self
+    batch, length, _ = hidden_states.shape
+    first = hidden_states[:, :1]
+    q = sa.query(first).view(batch, 1, -1, sa.attention_head_size).transpose(1, 2)
+    k = sa.key(hidden_states).view(batch, length, -1, sa.attention_head_size).transpose(1, 2)
+    v = sa.value(hidden_states).view(batch, length, -1, sa.attention_head_size).transpose(1, 2)
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] > 1:
+        attention_mask = attention_mask[:, :, :1, :]
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(sa.config._attn_implementation, eager_attention_forward)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("encoder_attention_mask", "cache")}
+    out, _ = attention(
+        sa,
+        q,
+        k,
+        v,
+        attention_mask,
+        dropout=sa.dropout.p if sa.training else 0.0,
+        scaling=sa.scaling,
+        **kwargs,
+    )
+    out = self.attention.output(out.reshape(batch, 1, -1), first)
+    return self.output(self.intermediate(out), out)
+
+
+def _mark(model: nn.Module, tokenizer_source: str, cls_only: bool = True) -> nn.Module:
     model.tunelab_head_patterns = list(HEAD_PATTERNS)
     model.tunelab_tokenizer_source = tokenizer_source  # where save() copies the tokenizer from
+    model.tunelab_layer_groups = lambda: encoder_layer_groups(model)
+    model.tunelab_cls_only = cls_only and _cls_only_last_layer(model)
     return model
 
 
@@ -119,7 +207,7 @@ def load_hf(folder: Path, spec: dict[str, Any]) -> nn.Module:
         attn_implementation=kwargs.get("attn_implementation", "sdpa"),
         trust_remote_code=kwargs.get("trust_remote_code", False),
     )
-    return _mark(model, str(folder))
+    return _mark(model, str(folder), kwargs.get("cls_only_last_layer", True))
 
 
 @register_model("hf", save=save_hf, load=load_hf)
@@ -132,11 +220,13 @@ def hf(
     config_overrides: dict[str, Any] | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    cls_only_last_layer: bool = True,
 ) -> nn.Module:
     """A sequence-classification model from a Hugging Face folder or hub id.
 
     `pretrained=False` builds the same architecture with random weights (from config.json only).
     `config_overrides` sets config fields, e.g. `{hidden_dropout_prob: 0.0}`.
+    `cls_only_last_layer` skips the last layer's work on positions the head never reads (same logits).
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -161,4 +251,4 @@ def hf(
             )
     except (OSError, ValueError) as e:
         raise TunelabError(f"model.path `{path}`: cannot load it ({str(e).splitlines()[0]})") from e
-    return _mark(model, source)
+    return _mark(model, source, cls_only_last_layer)
