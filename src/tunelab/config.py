@@ -198,7 +198,9 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
     loc = tuple(e["loc"])
     key = _format_loc(loc)
     if e["type"] == "extra_forbidden":
-        hint = did_you_mean(str(loc[-1]), _known_keys(RunConfig, loc))
+        parent = ".".join(str(p) for p in loc[:-1])
+        known = [f"{parent}.{k}" if parent else k for k in _known_keys(RunConfig, loc)]
+        hint = did_you_mean(key, known)
         return f"{source}: unknown key `{key}`{hint}"
     if e["type"] == "missing":
         return f"{source}: missing required key `{key}`"

@@ -1,0 +1,198 @@
+"""End-to-end CLI tests of the foundation on real data (digits, MNIST)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.helpers import REPO, assert_one_line_error, run_cli, same_weights
+
+DIGITS = "recipes/digits-cnn.yaml"
+QUIET = "output.progress=false"
+
+
+def test_quickstart(tmp_path):
+    out = tmp_path / "qs"
+    proc = run_cli("quickstart", "--output", out)
+    assert "before fine-tuning" in proc.stdout and f"run directory: {out}" in proc.stdout
+    assert "fc.weight: checkpoint [5, 256] vs model [10, 256] (skipped)" in proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["metrics"]["accuracy"] >= 0.95
+    for key in ("global_step", "epoch", "best", "train_samples_per_s", "train_tokens_per_s", "wall_s",
+                "peak_rss_mb"):
+        assert key in summary
+    assert summary["train_tokens_per_s"] is None and summary["best"]["metric"] == "accuracy"
+    for name in ("config.yaml", "metrics.jsonl", "final/model.safetensors", "final/tunelab_model.json",
+                 "best/model.safetensors"):
+        assert (out / name).is_file(), name
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("step" in e for e in events) and {"start", "train", "eval", "end"} <= {e["event"] for e in events}
+
+
+def test_eval_and_inspect(tmp_path):
+    out = tmp_path / "run"
+    run_cli("train", DIGITS, f"output.dir={out}", "train.max_steps=40", QUIET)
+    proc = run_cli("eval", out)
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = json.loads((out / "summary.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(summary["metrics"]["accuracy"])
+    best = json.loads(run_cli("eval", out, "--best").stdout)
+    assert best["accuracy"] == pytest.approx(summary["best"]["value"])
+    proc = run_cli("inspect", out / "final" / "model.safetensors", "--against", DIGITS, "model.num_classes=7")
+    assert "fc.weight" in proc.stdout and "[10, 256]" in proc.stdout and "float32" in proc.stdout
+    assert "fc.weight: checkpoint [10, 256] vs model [7, 256] (skipped)" in proc.stdout
+
+
+def test_mnist_linear_recipe(tmp_path):
+    out = tmp_path / "mnist"
+    run_cli("train", "recipes/mnist-linear.yaml", f"output.dir={out}", "train.epochs=2", QUIET,
+            "data.path=" + str(REPO.parent / "shared" / "data" / "mnist"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epoch"] == 2 and summary["metrics"]["accuracy"] > 0.8
+
+
+def _resume_overrides(out: Path) -> list[str]:
+    return [f"output.dir={out}", "model.width=96", "model.dropout=0.2", "train.max_steps=60",
+            "train.checkpoint_every=10", "train.keep_last=3", "eval.every=20", "train.log_every=5", QUIET]
+
+
+def _events(out: Path) -> list[tuple]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["event"], r["step"], r.get("loss")) for r in rows if r["event"] in ("train", "eval", "best")]
+
+
+def test_sigkill_and_resume_is_bit_identical(tmp_path):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    run_cli("train", DIGITS, *_resume_overrides(ref))
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "train", DIGITS, *_resume_overrides(killed)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step-30").exists():
+        assert proc.poll() is None, "run finished before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists()
+    run_cli("train", DIGITS, *_resume_overrides(killed), "--resume")
+    assert same_weights(ref / "final" / "model.safetensors", killed / "final" / "model.safetensors")
+    assert same_weights(ref / "best" / "model.safetensors", killed / "best" / "model.safetensors")
+    assert _events(ref) == _events(killed)  # metrics.jsonl was trimmed to the checkpoint and continued
+
+
+def test_tampered_and_truncated_checkpoints_are_refused(tmp_path):
+    out = tmp_path / "run"
+    over = [f"output.dir={out}", "train.max_steps=30", "train.checkpoint_every=10", "train.keep_last=3", QUIET]
+    run_cli("train", DIGITS, *over)
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-10", "step-20", "step-30"]
+    weights = ckpts / "step-30" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF  # tamper with one byte of a tensor
+    weights.write_bytes(bytes(data))
+    opt = ckpts / "step-20" / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:100])  # truncate
+    proc = run_cli("train", DIGITS, *over, "train.max_steps=40", "--resume")
+    assert "step-30 refused" in proc.stderr and "sha256 does not match" in proc.stderr
+    assert "step-20 refused" in proc.stderr and "resumed from" in proc.stderr and "step-10" in proc.stderr
+    assert json.loads((out / "summary.json").read_text())["global_step"] == 40
+
+
+def _tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    out = tmp_path / "run"
+    run_cli("train", DIGITS, f"output.dir={out}", "train.max_steps=5", QUIET)
+    before = _tree_digest(out)
+    proc = run_cli("train", DIGITS, f"output.dir={out}", "train.max_steps=5", QUIET, check=False)
+    assert_one_line_error(proc, "not empty", "--resume", "--overwrite")
+    assert _tree_digest(out) == before
+
+
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        (["optim.lrr=0.1"], ["unknown key `optim.lrr`", "did you mean `optim.lr`"]),
+        (["train.batch_size=lots"], ["`train.batch_size` = 'lots'"]),
+        (["optim.lr=-0.01"], ["`optim.lr` = -0.01", "> 0"]),
+        (["task.num_classes=5"], ["label 5 is outside [0, 5)", "task.num_classes"]),
+        (["data.classes=[]"], ["empty"]),
+        (["data.name=mnist", "data.path=/nonexistent/mnist"], ["/nonexistent/mnist", "not found"]),
+        (["model.widht=3"], ["unknown key `model.widht`", "did you mean `width`"]),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, overrides, fragments):
+    proc = run_cli("train", DIGITS, f"output.dir={tmp_path / 'r'}", QUIET, *overrides, check=False)
+    assert_one_line_error(proc, *fragments)
+
+
+def test_checkpoint_with_no_matching_keys(tmp_path):
+    save_file({"encoder.layer.0.weight": torch.zeros(3, 3)}, str(tmp_path / "other.safetensors"))
+    proc = run_cli("train", DIGITS, f"output.dir={tmp_path / 'r'}", QUIET,
+                   f"pretrained.path={tmp_path / 'other.safetensors'}", check=False)
+    assert_one_line_error(proc, "no checkpoint key matches the model", "encoder.layer.0.weight")
+
+
+def test_malicious_checkpoint_via_cli(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"fc.weight": Evil()}, f)
+    proc = run_cli("train", DIGITS, f"output.dir={tmp_path / 'r'}", QUIET,
+                   f"pretrained.path={tmp_path / 'evil.pt'}", check=False)
+    assert_one_line_error(proc, "refused to load")
+    assert not marker.exists()
+
+
+def test_nan_loss_stops_and_keeps_good_state(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train", DIGITS, f"output.dir={out}", QUIET, "optim.lr=1e3", "optim.momentum=0.0",
+                   "schedule.warmup_steps=0", "train.max_steps=200", "train.checkpoint_every=1",
+                   "eval.every=1", check=False)
+    line = assert_one_line_error(proc, "loss became", "at step", "learning rate")
+    step = int(line.split("at step ")[1].split(":")[0])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["global_step"] == step
+    steps = sorted(int(p.name[5:]) for p in (out / "checkpoints").iterdir())
+    assert steps and max(steps) < step  # nothing saved from the diverged step
+    from tunelab.engine.checkpoint import verify_folder
+
+    verify_folder(out / "checkpoints" / f"step-{max(steps)}")
+    assert not (out / "final").exists()
+
+
+def test_torchrun_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+         "-m", "tunelab.cli", "train", DIGITS, f"output.dir={out}", "train.max_steps=20", QUIET,
+         "train.checkpoint_every=10"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["global_step"] == 20 and summary["metrics"]["accuracy"] > 0.5
+    starts = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"start"' in line]
+    assert len(starts) == 1  # only rank 0 writes

@@ -1,0 +1,59 @@
+import pytest
+
+from tunelab.config import load_config
+from tunelab.errors import ConfigError
+from tunelab.models import create_model
+
+BASE = {"model": {"name": "cnn"}, "data": {"name": "digits"}}
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(BASE, ["train.max_steps=7", "optim.lr=0.5", "output.dir=/tmp/x", "train.seed=3",
+                             "train.checkpoint_every=2"])
+    assert cfg.train.max_steps == 7 and cfg.optim.lr == 0.5 and cfg.train.seed == 3
+    assert str(cfg.output_dir) == "/tmp/x" and cfg.train.checkpoint_every == 2
+    assert cfg.task.kwargs["name"] == "classification"
+
+
+def test_unknown_key_has_did_you_mean():
+    with pytest.raises(ConfigError, match=r"unknown key `optim.lrr` \(did you mean `optim.lr`\?\)"):
+        load_config({**BASE, "optim": {"lrr": 0.1}})
+
+
+def test_unknown_top_level_section():
+    with pytest.raises(ConfigError, match="unknown key `trian`.*did you mean `train`"):
+        load_config({**BASE, "trian": {}})
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(ConfigError, match=r"`train.batch_size` = 'many' is invalid"):
+        load_config(BASE, ["train.batch_size=many"])
+
+
+def test_negative_learning_rate():
+    with pytest.raises(ConfigError, match=r"`optim.lr` = -0.1 is invalid.*must be > 0"):
+        load_config(BASE, ["optim.lr=-0.1"])
+
+
+def test_bad_choice_lists_allowed():
+    with pytest.raises(ConfigError, match="optim.name.*'sgd', 'adam' or 'adamw'"):
+        load_config(BASE, ["optim.name=rmsprop"])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_model_kwargs_checked_against_builder():
+    with pytest.raises(ConfigError, match=r"unknown key `model.num_clases` \(did you mean `num_classes`\?\)"):
+        create_model("cnn", num_clases=3)
+
+
+def test_import_path_model():
+    model = create_model("torch.nn:Linear", in_features=3, out_features=2)
+    assert model.weight.shape == (2, 3)
+
+
+def test_lr_auto_is_accepted():
+    assert load_config(BASE, ["optim.lr=auto"]).optim.lr == "auto"
