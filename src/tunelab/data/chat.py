@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from tunelab.config import RunConfig
 from tunelab.data.base import DataBundle, register_data, validate_options
+from tunelab.engine.callbacks import Callback
 from tunelab.errors import ConfigError, DataError
 from tunelab.paths import resolve_path
 
@@ -465,8 +466,9 @@ def build_instruct(cfg: RunConfig) -> DataBundle:
     )
 
 
-class SampleGenerations:
-    """Engine callback: greedy replies to a few fixed held-out prompts, logged as `samples` at each eval."""
+class SampleGenerations(Callback):
+    """Engine callback: greedy replies to a few fixed held-out prompts, logged as `samples` at each eval
+    (a tuned model should answer and stop: each sample records whether it ended with EOS)."""
 
     def __init__(
         self, prompts: list[str], tokenizer: Any, template: str, system: str | None, max_new_tokens: int
@@ -489,13 +491,3 @@ class SampleGenerations:
             )
             samples.append({"prompt": prompt, "reply": text, "eos": ended})
         trainer.log("samples", step=trainer.global_step, samples=samples)
-
-    # The other engine hooks, as no-ops (works with or without subclassing the engine's Callback).
-    def on_fit_start(self, trainer: Any) -> None: ...
-    def on_epoch_start(self, trainer: Any, epoch: int) -> None: ...
-    def on_step_end(self, trainer: Any, logs: dict[str, Any]) -> None: ...
-    def on_fit_end(self, trainer: Any, summary: dict[str, Any]) -> None: ...
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...

@@ -1,0 +1,138 @@
+"""`tunelab export RUN_DIR [--merge] [--output DIR] [--dtype fp32|bf16|fp16]`: a run's model for other tools.
+
+- A LoRA run without `--merge`: the adapter alone in PEFT format (`adapter_model.safetensors`,
+  `adapter_config.json`) plus the tokenizer; load it with `PeftModel.from_pretrained(base, DIR)`.
+- With `--merge` (or a fully fine-tuned run): a plain Hugging Face folder that
+  `AutoModelForCausalLM.from_pretrained(DIR)` loads. The adapter is merged into the base loaded in fp32,
+  never into a quantised base, then cast to `--dtype`.
+
+The folder is written beside its destination and renamed into place, so a failed export leaves nothing
+half-written. Heavy imports stay inside functions (this module is imported to build the CLI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+from tunelab.errors import ConfigError, TunelabError
+
+EXPORT_DTYPES = ("fp32", "bf16", "fp16")
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def _prepare_output(output: Path, overwrite: bool) -> Path:
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        if not overwrite:
+            raise ConfigError(f"{output}: already exists; pass --overwrite or choose another --output")
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, output: Path) -> None:
+    if output.exists():
+        shutil.rmtree(output) if output.is_dir() else output.unlink()
+    os.replace(tmp, output)
+
+
+def _cast_adapter(path: Path, dtype: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from tunelab.models.llm import DTYPES
+
+    tensors = {k: v.to(DTYPES[dtype]) for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def export_run(
+    run_dir: str | Path,
+    output: str | Path | None = None,
+    merge: bool = False,
+    dtype: str | None = None,
+    which: str = "final",
+    overwrite: bool = False,
+) -> Path:
+    """Export a run's `final/` (or `best/`) model; returns the folder written."""
+    from tunelab.models import MODEL_JSON
+    from tunelab.models.llm import ADAPTER_CONFIG, DTYPES, find_model_folder, load_causal_lm, load_tokenizer
+
+    run_dir = Path(run_dir)
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is invalid; use one of {', '.join(EXPORT_DTYPES)}")
+    folder = find_model_folder(run_dir, which) if run_dir.is_dir() else None
+    if folder is None:
+        raise TunelabError(
+            f"{run_dir}: no {which}/ model folder (with {MODEL_JSON}); is this a finished run?"
+        )
+    spec = json.loads((folder / MODEL_JSON).read_text())
+    if spec.get("name") != "hf_causal_lm":
+        raise TunelabError(
+            f"{folder}: export writes Hugging Face causal LMs (model.name hf_causal_lm), not `{spec.get('name')}`"
+        )
+    is_adapter = (folder / ADAPTER_CONFIG).is_file()
+    kind = "merged" if merge and is_adapter else ("adapter" if is_adapter else "model")
+    out = Path(output) if output else run_dir / "export" / kind
+    tmp = _prepare_output(out, overwrite)
+    try:
+        if is_adapter and not merge:
+            for name in ADAPTER_FILES + TOKENIZER_FILES:
+                if (folder / name).is_file():
+                    shutil.copy2(folder / name, tmp / name)
+            if dtype is not None:
+                _cast_adapter(tmp / ADAPTER_FILES[0], dtype)
+        else:
+            # Merge in fp32 into an unquantised base, whatever the run trained with.
+            kwargs = {**spec.get("kwargs", {}), "dtype": "fp32", "quantize": None}
+            model = load_causal_lm(folder, {**spec, "kwargs": kwargs})
+            if is_adapter:
+                model = model.merge_and_unload()
+            target = dtype or spec.get("kwargs", {}).get("dtype", "fp32")
+            model = model.to(DTYPES[target])
+            model.config.use_cache = True
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok_src = str(folder) if (folder / "tokenizer_config.json").is_file() else kwargs["path"]
+            load_tokenizer(tok_src).save_pretrained(tmp)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = export_run(
+        args.run_dir,
+        output=args.output,
+        merge=args.merge,
+        dtype=args.dtype,
+        which="best" if args.best else "final",
+        overwrite=args.overwrite,
+    )
+    print(out)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `tunelab export` on the CLI's subparsers."""
+    p = sub.add_parser("export", help="a run's model as a Hugging Face folder (--merge) or a PEFT adapter")
+    p.add_argument("run_dir")
+    p.add_argument("--merge", action="store_true", help="merge LoRA weights into the (fp32) base model")
+    p.add_argument("--output", help="destination folder (default: RUN_DIR/export/{merged,adapter,model})")
+    p.add_argument("--dtype", choices=EXPORT_DTYPES, default=None, help="weights dtype (default: the run's)")
+    p.add_argument("--best", action="store_true", help="export best/ instead of final/")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    p.set_defaults(func=cmd_export)
