@@ -107,7 +107,8 @@ def load_tokenizer(path: str) -> Any:
     """The tokenizer of the model at `path` (any form `resolve_model_path` accepts), with a pad token."""
     from transformers import AutoTokenizer
 
-    folder = resolve_model_path(path)
+    local = resolve_path(path)
+    folder = str(local) if (local / "tokenizer_config.json").is_file() else resolve_model_path(path)
     try:
         tok = AutoTokenizer.from_pretrained(folder)
     except OSError as e:
@@ -175,7 +176,11 @@ def hf_causal_lm(
     model.config.use_cache = False
     if gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen embeddings (LoRA) without input-grad hooks.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
 

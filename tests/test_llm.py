@@ -1,0 +1,140 @@
+"""hf_causal_lm: GGUF conversion cache, generation, LoRA strategy, adapter save/load, merged export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunelab.errors import ConfigError
+from tunelab.models import save_model_folder
+from tunelab.models.llm import (
+    _from_pretrained,
+    _quantization_config,
+    generate_text,
+    hf_causal_lm,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+)
+from tunelab.strategies.lora import LoRA
+
+
+@pytest.fixture(scope="module")
+def base_path(smollm_gguf) -> str:
+    return str(smollm_gguf)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_path):
+    return load_tokenizer(base_path)
+
+
+@pytest.fixture()
+def lora_model(base_path):
+    """SmolLM2 with LoRA on q/v, adapters moved off their zero init so they change the output."""
+    model, scales = LoRA(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]).setup(
+        hf_causal_lm(base_path)
+    )
+    assert scales is None
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def test_gguf_converts_once_into_a_plain_cached_folder(base_path):
+    folder = resolve_model_path(base_path)
+    folder_path = Path(folder)
+    config = json.loads((folder_path / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    mtime = (folder_path / "model.safetensors").stat().st_mtime
+    assert resolve_model_path(base_path) == folder  # cached: no second conversion
+    assert (folder_path / "model.safetensors").stat().st_mtime == mtime
+
+
+def test_bad_model_paths_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such file or folder"):
+        resolve_model_path(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ConfigError, match="has no config.json"):
+        resolve_model_path(str(tmp_path))
+    with pytest.raises(ConfigError, match="model.dtype"):
+        _from_pretrained(str(tmp_path), "fp8", "sdpa")
+
+
+def test_qlora_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine could run QLoRA")
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        _quantization_config("4bit", torch.float32)
+
+
+def test_base_model_answers_with_its_chat_template_and_stops(base_path, tokenizer):
+    model = hf_causal_lm(base_path).eval()
+    streamed: list[str] = []
+    text, ended = generate_text(
+        model, tokenizer, "What is the capital of France?", max_new_tokens=24, stream=streamed.append
+    )
+    assert "Paris" in text and ended
+    assert "".join(streamed).strip() == text.strip()
+
+
+def test_lora_targets_that_match_nothing_list_the_modules(base_path):
+    with pytest.raises(ConfigError, match=r"matches no module; Linear modules here: down_proj, gate_proj"):
+        LoRA(target_modules=["attn.qkv"]).setup(hf_causal_lm(base_path))
+
+
+def test_lora_trains_only_adapters_and_checkpointing_keeps_gradients(base_path, tokenizer):
+    model, _ = LoRA(r=4, target_modules="all-linear").setup(
+        hf_causal_lm(base_path, gradient_checkpointing=True)
+    )
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    model.train()
+    ids = tokenizer("Hello there", return_tensors="pt")["input_ids"]
+    logits = model(input_ids=ids).logits
+    torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]  # lora_A's are 0 while B is 0
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+@torch.no_grad()
+def test_adapter_folder_round_trip_and_merged_export_match_logits(lora_model, base_path, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.export import export_run
+
+    spec = {"name": "hf_causal_lm", "kwargs": {"path": base_path}}
+    final = tmp_path / "run" / "final"
+    save_model_folder(lora_model, final, spec)
+    assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").is_file()
+    assert (final / "tokenizer.json").is_file()
+
+    ids = tokenizer("Write a haiku about the sea.", return_tensors="pt")["input_ids"]
+    want = lora_model(input_ids=ids).logits
+    reloaded = load_causal_lm(final, spec).eval()
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, want, rtol=0, atol=1e-5)
+
+    merged_dir = export_run(tmp_path / "run", merge=True)
+    assert not (merged_dir / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    assert (merged(input_ids=ids).logits - want).abs().max().item() < 1e-4
+    text, ended = generate_text(merged, load_tokenizer(str(merged_dir)), "Say hi.", max_new_tokens=48)
+    assert ended and text
+
+    adapter_dir = export_run(tmp_path / "run")
+    assert sorted(p.name for p in adapter_dir.glob("adapter_*")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    with pytest.raises(ConfigError, match="already exists"):
+        export_run(tmp_path / "run")
+    from safetensors.torch import load_file
+
+    bf16 = export_run(tmp_path / "run", dtype="bf16", output=tmp_path / "bf16")
+    assert {t.dtype for t in load_file(bf16 / "adapter_model.safetensors").values()} == {torch.bfloat16}
