@@ -1,0 +1,129 @@
+"""Plan accuracy: `tunelab plan`'s predicted training memory against the measured peak.
+
+CPU: the growth of the process RSS during `Trainer.fit` (sampled every 2 ms) over the RSS just before it,
+with the model and data already loaded; the plan's comparable figure is its total minus the weights
+(gradients + optimizer states + activations + working space). GPU: torch.cuda.max_memory_allocated
+against the plan's total. Each side runs in its own subprocess; one JSON line per case, then a final one.
+
+    python bench/plan_accuracy.py                   # text classification, SFT (LoRA), GPT pretraining
+    python bench/plan_accuracy.py --only sst2 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Short, eval-light versions of the recipes: memory per step does not depend on the number of steps.
+CASES = {
+    "sst2": ("recipes/sst2-minilm.yaml", ["data.max_rows=512"]),
+    "sft": ("recipes/smollm2-lora-alpaca.yaml", ["data.num_samples=0"]),
+    "pretrain": ("recipes/gpt-shakespeare-char.yaml", []),
+}
+COMMON = [
+    "eval.batch_size=1",
+    "eval.max_batches=1",
+    "output.progress=false",
+    "output.tensorboard=false",
+    "report.enabled=false",
+    "doctor.enabled=false",
+]
+
+MEASURE = r"""
+import json, sys, threading, time
+import torch
+from tunelab.config import load_config
+from tunelab.run import build_run, make_trainer, prepare_output_dir
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+cfg = load_config(sys.argv[1], sys.argv[2:])
+prepare_output_dir(cfg, resume=False, overwrite=True)
+run = build_run(cfg, log=lambda m: None)
+trainer = make_trainer(run)
+peak, stop = [0], [False]
+def sample():
+    while not stop[0]:
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.002)
+base = rss()
+t = threading.Thread(target=sample, daemon=True)
+t.start()
+if torch.cuda.is_available():
+    torch.cuda.reset_peak_memory_stats()
+trainer.fit()
+stop[0] = True
+t.join()
+out = {"rss_before_mb": base / 2**20, "rss_growth_mb": (peak[0] - base) / 2**20}
+if torch.cuda.is_available():
+    out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+print(json.dumps(out))
+"""
+
+
+def _last_json(cmd: list[str]) -> dict:
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-3000:])
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", action="append", choices=sorted(CASES))
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--out", default="/tmp/tunelab-plan-accuracy")
+    args = p.parse_args()
+    rows = []
+    for name in args.only or list(CASES):
+        recipe, extra = CASES[name]
+        if not (REPO / recipe).is_file():
+            print(json.dumps({"case": name, "skipped": f"{recipe} not found"}))
+            continue
+        overrides = extra + COMMON + [f"train.max_steps={args.steps}", f"output.dir={args.out}/{name}"]
+        plan = _last_json([sys.executable, "-m", "tunelab.cli", "plan", recipe, *overrides, "--json"])
+        measured = _last_json([sys.executable, "-c", MEASURE, recipe, *overrides])
+        predicted = (plan["total_bytes"] - plan["weights_bytes"]) / 2**20
+        row = {
+            "case": name,
+            "recipe": recipe,
+            "micro_batch": plan["micro_batch"],
+            "seq_len": plan["seq_len"],
+            "trainable_params": plan["trainable_params"],
+            "pred_weights_mb": round(plan["weights_bytes"] / 2**20, 1),
+            "pred_gradients_mb": round(plan["gradients_bytes"] / 2**20, 1),
+            "pred_optimizer_mb": round(plan["optimizer_bytes"] / 2**20, 1),
+            "pred_activations_mb": round(plan["activations_bytes"] / 2**20, 1),
+            "pred_working_mb": round(plan["overhead_bytes"] / 2**20, 1),
+            "predicted_growth_mb": round(predicted, 1),
+            "measured_rss_growth_mb": round(measured["rss_growth_mb"], 1),
+            "error_pct": round(100 * (predicted - measured["rss_growth_mb"]) / measured["rss_growth_mb"], 1),
+        }
+        if "gpu_peak_mb" in measured:
+            row["predicted_total_mb"] = round(plan["total_bytes"] / 2**20, 1)
+            row["measured_gpu_peak_mb"] = round(measured["gpu_peak_mb"], 1)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    print(
+        json.dumps(
+            {
+                "bench": "plan_accuracy",
+                "cases": [r["case"] for r in rows],
+                "error_pct": {r["case"]: r["error_pct"] for r in rows},
+                "all_within_20pct": all(abs(r["error_pct"]) <= 20 for r in rows),
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""Automatic batch size: on a GPU, the largest micro-batch that fits, with gradient accumulation keeping
+the effective batch (micro-batch x accumulation) what the recipe asked for.
+
+The search tries divisors of the effective batch (so the effective batch stays exact), binary-searching
+on real training steps (forward, backward, optimizer step, so optimizer states are allocated) on copies of
+the longest training example. A size fits when it raises no out-of-memory error and its peak stays under
+`headroom` of the device memory (room for fragmentation and evaluation).
+
+    tunelab plan CONFIG --auto-batch               # prints the overrides to use
+    resolve_auto_batch(cfg) -> RunConfig            # Python: a copy of cfg with them applied
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tunelab.errors import TunelabError
+
+if TYPE_CHECKING:
+    from tunelab.config import RunConfig
+
+
+@dataclass
+class AutoBatchResult:
+    micro_batch: int
+    grad_accum: int
+    effective_batch: int
+    tried: list[tuple[int, bool]] = field(default_factory=list)
+
+    def overrides(self) -> list[str]:
+        return [f"train.batch_size={self.micro_batch}", f"train.grad_accum={self.grad_accum}"]
+
+    def describe(self) -> str:
+        tried = ", ".join(f"{m}:{'ok' if ok else 'OOM'}" for m, ok in self.tried)
+        return (
+            f"micro-batch {self.micro_batch} x accumulation {self.grad_accum} = effective "
+            f"{self.effective_batch} (tried {tried}); use: {' '.join(self.overrides())}"
+        )
+
+
+def search_micro_batch(fits: Callable[[int], bool], effective: int) -> AutoBatchResult:
+    """Largest divisor m of `effective` with fits(m) True, by binary search (fitting is monotone in m)."""
+    sizes = [d for d in range(1, effective + 1) if effective % d == 0]
+    tried: list[tuple[int, bool]] = []
+    lo, hi = -1, len(sizes)  # sizes[lo] fits (-1: none known), sizes[hi] does not (len: none known)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        ok = fits(sizes[mid])
+        tried.append((sizes[mid], ok))
+        if ok:
+            lo = mid
+        else:
+            hi = mid
+    if lo < 0:
+        raise TunelabError(
+            "auto batch size: even a micro-batch of 1 does not fit in GPU memory; see "
+            "`tunelab plan CONFIG` for LoRA, QLoRA, checkpointing or FSDP"
+        )
+    m = sizes[lo]
+    return AutoBatchResult(m, effective // m, effective, tried)
+
+
+def _repeat_batch(data: Any, collate_fn: Any, m: int) -> dict[str, Any]:
+    """m copies of the longest training example (worst case for memory)."""
+    from tunelab.data.base import collate_dicts
+
+    ds = data.train
+    index = 0
+    if data.train_lengths is not None and len(data.train_lengths):
+        lengths = list(data.train_lengths)
+        index = max(range(len(lengths)), key=lambda i: lengths[i])
+    fn = collate_fn or collate_dicts
+    getitems = getattr(ds, "__getitems__", None)
+    return fn(getitems([index] * m)) if getitems else fn([ds[index]] * m)
+
+
+def gpu_step_fits(cfg: RunConfig, run: Any, device: Any, headroom: float = 0.9) -> Callable[[int], bool]:
+    """A `fits(m)` that runs one real training step at micro-batch m on the GPU."""
+    import torch
+
+    from tunelab.engine.trainer import resolve_precision, to_device
+    from tunelab.optim import build_optimizer
+
+    model = run.model.to(device)
+    run.strategy.on_epoch_start(model, 0)
+    autocast = resolve_precision(cfg.train.precision, device)
+    saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    limit = headroom * torch.cuda.get_device_properties(device).total_memory
+
+    def fits(m: int) -> bool:
+        optimizer = None
+        try:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            optimizer = build_optimizer(model, cfg.optim, run.lr_scales, device)
+            batch = to_device(_repeat_batch(run.data, run.data.collate_fn, m), device)
+            model.train()
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                out = run.task.forward(model, batch)
+                loss = run.task.loss_sum(out, batch) / run.task.count_targets(batch).to(device)
+            loss.backward()
+            optimizer.step()
+            torch.cuda.synchronize(device)
+            return torch.cuda.max_memory_allocated(device) <= limit
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+            del optimizer
+            model.load_state_dict(saved)  # the trial steps must not change the weights
+            torch.cuda.empty_cache()
+
+    return fits
+
+
+def find_micro_batch_for_config(cfg: RunConfig, log=print, headroom: float = 0.9) -> AutoBatchResult:
+    """Build the run and search its micro-batch on the GPU (a TunelabError on a machine without one)."""
+    import torch
+
+    from tunelab.engine.trainer import pick_device
+    from tunelab.run import build_run
+
+    device = pick_device(cfg.train.device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise TunelabError(
+            f"auto batch size searches GPU memory, but this run's device is {device}; on CPU use "
+            f"`tunelab plan CONFIG --budget SIZE` to see what fits"
+        )
+    if cfg.optim.lr == "auto":
+        cfg = cfg.model_copy(deep=True)
+        cfg.optim.lr = 1e-3
+    run = build_run(cfg, log=log)
+    effective = cfg.train.batch_size * cfg.train.grad_accum
+    result = search_micro_batch(gpu_step_fits(cfg, run, device, headroom), effective)
+    log(f"auto batch: {result.describe()}")
+    return result
+
+
+def resolve_auto_batch(cfg: RunConfig, log=print) -> RunConfig:
+    """A copy of `cfg` with the largest micro-batch that fits and the accumulation that keeps the effective
+    batch. (The lead's `train.batch_size: auto` would call this, as `optim.lr: auto` calls the LR finder.)"""
+    result = find_micro_batch_for_config(cfg, log=log)
+    new = cfg.model_copy(deep=True)
+    new.train.batch_size = result.micro_batch
+    new.train.grad_accum = result.grad_accum
+    return new
