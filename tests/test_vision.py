@@ -110,7 +110,7 @@ def test_image_folder_on_hymenoptera(hymenoptera):
     assert len(bundle.callbacks) == 1  # the end-of-run report
 
 
-def test_randaugment_and_eval_fraction(tmp_path):
+def test_randaugment_and_val_fraction(tmp_path):
     root = _make_folder(tmp_path / "imgs", {"cat": 6, "dog": 4})
     cfg = _cfg(
         {
@@ -120,7 +120,7 @@ def test_randaugment_and_eval_fraction(tmp_path):
             "auto_augment": "randaugment",
             "color_jitter": 0.2,
             "random_erasing": 0.5,
-            "eval_fraction": 0.3,
+            "val_fraction": 0.3,
         }
     )
     bundle = build_data(cfg)
@@ -257,3 +257,54 @@ def test_predictor(hymenoptera, tmp_path):
     not_image.write_text("hello")
     with pytest.raises(DataError, match="notes.jpg.*not a decodable image"):
         predict_images(run, SimpleNamespace(image=[str(not_image)]))
+    with pytest.raises(DataError, match="nope.jpg` not found"):
+        predict_images(run, SimpleNamespace(image=[str(tmp_path / "nope.jpg")]))
+
+
+# -- staged unfreezing through the engine ----------------------------------------------------------------
+def _body_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("fc.")}
+
+
+def test_finetune_probe_then_unfreeze_with_discriminative_lrs(tmp_path):
+    from tunelab.run import build_run, make_trainer
+
+    root = _make_folder(tmp_path / "imgs", {"a": 8, "b": 8})
+    base = {
+        "model": {"name": "torchvision:resnet18", "num_classes": 2},
+        "data": {"name": "image_folder", "root": str(root), "image_size": 32, "val_fraction": 0.25},
+        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        "strategy": {"name": "finetune", "freeze_epochs": 1, "lr_decay": 0.5},
+        "train": {"epochs": 1, "batch_size": 6},
+        "output": {"progress": False},
+    }
+    # epoch 0 is the linear probe: the body (weights and BatchNorm statistics) stays as loaded
+    cfg = load_config({**base, "output": {"dir": str(tmp_path / "probe"), "progress": False}})
+    run = build_run(cfg, log=lambda *_: None)
+    before = _body_state(run.model)
+    head_before = run.model.fc.weight.detach().clone()
+    make_trainer(run).fit()
+    after = _body_state(run.model)
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.endswith("num_batches_tracked"))
+    assert not torch.equal(head_before, run.model.fc.weight)
+    assert (tmp_path / "probe" / "confusion_matrix.png").is_file()
+    # epoch 1 unfreezes everything; earlier layers get smaller learning rates
+    cfg = load_config(
+        {
+            **base,
+            "train": {"epochs": 2, "batch_size": 6},
+            "output": {"dir": str(tmp_path / "unfrozen"), "progress": False},
+        }
+    )
+    run = build_run(cfg, log=lambda *_: None)
+    before = _body_state(run.model)
+    trainer = make_trainer(run)
+    trainer.fit()
+    assert not torch.equal(before["conv1.weight"], run.model.conv1.weight)
+    assert not torch.equal(before["bn1.running_mean"], run.model.bn1.running_mean)
+    lr_of = {}
+    names = {id(p): n for n, p in run.model.named_parameters()}
+    for g in trainer.optimizer.param_groups:
+        for p in g["params"]:
+            lr_of[names[id(p)]] = g.get("initial_lr", g["lr"])
+    assert lr_of["conv1.weight"] < lr_of["layer4.1.conv2.weight"] < lr_of["fc.weight"] == 0.05

@@ -72,7 +72,7 @@ class ImageOptions(BaseModel):
     label_column: str = "label"
     # both
     classes: list[str] | None = None  # class order (default: sorted names found in the train split)
-    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # carve eval out of train when there is no eval split
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # carve eval out of train when there is no eval split
     extensions: list[str] = list(IMAGE_EXTENSIONS)
     on_bad_image: Literal["skip", "error"] = "skip"
     verify_images: bool = True  # open every file's header at build time to find undecodable ones
@@ -360,10 +360,10 @@ def _build(cfg: RunConfig, kind: str) -> DataBundle:
         if splits[split] is not None:
             p, lab, _ = read(Path(splits[split]), opts, classes, skipped)
             datasets[split] = ImageDataset(p, lab, eval_tf, opts.on_bad_image)
-    if datasets["eval"] is None and opts.eval_fraction > 0:
+    if datasets["eval"] is None and opts.val_fraction > 0:
         g = torch.Generator().manual_seed(cfg.train.seed)
         order = torch.randperm(len(train), generator=g).tolist()
-        n_eval = max(1, math.floor(len(order) * opts.eval_fraction))
+        n_eval = max(1, math.floor(len(order) * opts.val_fraction))
         datasets["eval"] = _subset(train, order[:n_eval], eval_tf)
         train = _subset(train, order[n_eval:], train_tf)
     counts = {s: len(d) for s, d in (("train", train), *datasets.items()) if d is not None}
@@ -374,7 +374,7 @@ def _build(cfg: RunConfig, kind: str) -> DataBundle:
         warnings.warn(f"image data: skipped {n} file(s): {info['skipped']}", stacklevel=2)
     report_on = datasets["eval"] if opts.report else None
     batch_size = cfg.eval.batch_size or cfg.train.batch_size
-    callbacks = [VisionReport(info, report_on, classes, batch_size, opts.misclassified_top_k)]
+    callbacks = [VisionReport(report_on, classes, batch_size, opts.misclassified_top_k)]
     return DataBundle(
         train=train,
         eval=datasets["eval"],
@@ -609,26 +609,18 @@ def _is_rank_zero() -> bool:
 
 
 class VisionReport(_CallbackBase):
-    """Logs the image counts (and skipped files) at the start of fit; at the end, predicts the eval split
-    with the final model and writes the report files into the run dir."""
+    """Writes classes.json at the start of fit; at the end, predicts the eval split with the final model
+    and writes the report files into the run dir (the image counts and skipped files are in
+    `DataBundle.info`, which the run logs)."""
 
-    def __init__(
-        self,
-        info: dict[str, Any],
-        dataset: ImageDataset | None,
-        classes: list[str],
-        batch_size: int,
-        top_k: int = 25,
-    ):
-        self.info, self.dataset, self.classes = info, dataset, classes
+    def __init__(self, dataset: ImageDataset | None, classes: list[str], batch_size: int, top_k: int = 25):
+        self.dataset, self.classes = dataset, classes
         self.batch_size, self.top_k = batch_size, top_k
 
     def on_fit_start(self, trainer: Any) -> None:
         if trainer.output_dir is not None and _is_rank_zero():  # `tunelab predict` reads the class names
             text = json.dumps(self.classes)
             _atomic_write(Path(trainer.output_dir) / CLASSES_FILE, lambda f: f.write(text))
-        if hasattr(trainer, "log"):
-            trainer.log("image_data", **self.info)
 
     def on_fit_end(self, trainer: Any, summary: dict[str, Any]) -> None:
         if self.dataset is None or not _is_rank_zero():
