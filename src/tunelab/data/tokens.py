@@ -167,18 +167,14 @@ def prepare_tokens(opts: TokensOptions) -> Path:
 
 
 class TokenizerArtifact(Callback):
-    """Saves the tokenizer as `RUN_DIR/tokenizer/`; on resume, refuses a different tokenizer."""
+    """Saves the tokenizer with the run as `RUN_DIR/tokenizer/` (generation and export read it there)."""
 
     def __init__(self, tokenizer: TextTokenizer):
         self.tokenizer = tokenizer
 
     def on_fit_start(self, trainer: Any) -> None:
-        if getattr(trainer, "rank", 0) != 0:
-            return
-        folder = Path(trainer.output_dir) / "tokenizer"
-        if (folder / "tunelab_tokenizer.json").is_file() and trainer.global_step > 0:
-            check_same_tokenizer(load_tokenizer(folder), self.tokenizer, folder)
-        self.tokenizer.save(folder)
+        if getattr(trainer, "is_main", True):
+            self.tokenizer.save(Path(trainer.output_dir) / "tokenizer")
 
 
 def check_same_tokenizer(saved: TextTokenizer, current: TextTokenizer, where: Path) -> None:
@@ -218,6 +214,9 @@ def build(cfg: RunConfig) -> DataBundle:
     folder = prepare_tokens(opts)
     meta = json.loads((folder / "meta.json").read_text())
     tokenizer = load_tokenizer(folder / "tokenizer")
+    run_tokenizer = cfg.output_dir / "tokenizer"
+    if (run_tokenizer / "tunelab_tokenizer.json").is_file():  # the run folder survives only for a resume
+        check_same_tokenizer(load_tokenizer(run_tokenizer), tokenizer, run_tokenizer)
     dtype = np.dtype(meta["dtype"])
     need = block_size + 1
     if meta["n_train"] < need:

@@ -392,38 +392,29 @@ def gpt(
 
 @GENERATORS.register("gpt")
 def generate_from_run(target: str, args: Any) -> None:
-    """Load RUN_DIR's model and tokenizer and print a sample for each `--prompt`."""
+    """`tunelab generate RUN_DIR --prompt ...`: load the run's model and tokenizer, print one sample.
+    Reads --max-new-tokens, --temperature (0 = greedy), --top-k, --top-p, --seed, --best."""
     from pathlib import Path
 
     from tunelab.run import load_run
     from tunelab.tokenizers import load_run_tokenizer
 
-    run = load_run(target, which=getattr(args, "which", None) or "final")
+    run = load_run(target, which="best" if getattr(args, "best", False) else "final", with_data=False)
     tokenizer = load_run_tokenizer(Path(run.run_dir))
     model = run.model.eval()
     device = next(model.parameters()).device
-    prompts = getattr(args, "prompt", None) or ["\n"]
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    seed = getattr(args, "seed", None)
-    generator = torch.Generator(device=device).manual_seed(int(seed if seed is not None else 0))
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt) or [tokenizer.eos_id or 0]
-        out = model.generate(
-            torch.tensor([ids], device=device),
-            max_new_tokens=int(getattr(args, "max_new_tokens", None) or 200),
-            temperature=float(_arg(args, "temperature", 0.8)),
-            top_k=_arg(args, "top_k", 200),
-            top_p=_arg(args, "top_p", None),
-            eos_id=tokenizer.eos_id,
-            generator=generator,
-        )
-        print(tokenizer.decode(out[0].tolist()))
-
-
-def _arg(args: Any, name: str, default: Any) -> Any:
-    value = getattr(args, name, None)
-    return default if value is None else value
+    generator = torch.Generator(device=device).manual_seed(int(getattr(args, "seed", 0) or 0))
+    ids = tokenizer.encode(args.prompt) or [tokenizer.eos_id or 0]
+    out = model.generate(
+        torch.tensor([ids], device=device),
+        max_new_tokens=int(getattr(args, "max_new_tokens", 200) or 200),
+        temperature=float(getattr(args, "temperature", 0.8)),
+        top_k=getattr(args, "top_k", None),
+        top_p=getattr(args, "top_p", None),
+        eos_id=tokenizer.eos_id,
+        generator=generator,
+    )
+    print(tokenizer.decode(out[0].tolist()))
 
 
 __all__ = ["GPT", "GPTConfig", "SIZES", "gpt", "gpt_config", "gpt2_init", "sample_next"]
