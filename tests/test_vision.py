@@ -33,7 +33,7 @@ def hymenoptera(shared_data: Path) -> Path:
 def _cfg(data: dict, model: dict | None = None, task: dict | None = None):
     return load_config(
         {
-            "model": model or {"name": "torchvision:resnet18"},
+            "model": model or {"name": "torchvision:resnet18", "num_classes": 2},
             "data": data,
             "task": task or {"name": "classification"},
         }
@@ -172,6 +172,12 @@ def test_num_classes_mismatch(tmp_path):
     )
     with pytest.raises(ConfigError, match="model.num_classes` = 3.*2 classes.*num_classes: 2"):
         build_data(cfg)
+    cfg = _cfg({"name": "image_folder", "root": str(root)}, model={"name": "torchvision:resnet18"})
+    with pytest.raises(ConfigError, match="model.num_classes` is not set.*2 classes"):
+        build_data(cfg)
+    cfg = _cfg({"name": "image_folder", "root": str(root)}, task={"name": "image_classification"})
+    with pytest.raises(ConfigError, match="task.num_classes` is not set"):
+        build_data(cfg)
 
 
 def test_image_csv(tmp_path, hymenoptera):
@@ -267,44 +273,42 @@ def _body_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_finetune_probe_then_unfreeze_with_discriminative_lrs(tmp_path):
+    from tunelab.engine.callbacks import Callback
     from tunelab.run import build_run, make_trainer
 
+    class AfterProbe(Callback):
+        def on_epoch_start(self, trainer, epoch):
+            if epoch == 1:
+                self.body = _body_state(trainer.raw_model)
+                self.head = trainer.raw_model.fc.weight.detach().clone()
+
     root = _make_folder(tmp_path / "imgs", {"a": 8, "b": 8})
-    base = {
-        "model": {"name": "torchvision:resnet18", "num_classes": 2},
-        "data": {"name": "image_folder", "root": str(root), "image_size": 32, "val_fraction": 0.25},
-        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-        "strategy": {"name": "finetune", "freeze_epochs": 1, "lr_decay": 0.5},
-        "train": {"epochs": 1, "batch_size": 6},
-        "output": {"progress": False},
-    }
-    # epoch 0 is the linear probe: the body (weights and BatchNorm statistics) stays as loaded
-    cfg = load_config({**base, "output": {"dir": str(tmp_path / "probe"), "progress": False}})
-    run = build_run(cfg, log=lambda *_: None)
-    before = _body_state(run.model)
-    head_before = run.model.fc.weight.detach().clone()
-    make_trainer(run).fit()
-    after = _body_state(run.model)
-    assert all(torch.equal(before[k], after[k]) for k in before if not k.endswith("num_batches_tracked"))
-    assert not torch.equal(head_before, run.model.fc.weight)
-    assert (tmp_path / "probe" / "confusion_matrix.png").is_file()
-    # epoch 1 unfreezes everything; earlier layers get smaller learning rates
     cfg = load_config(
         {
-            **base,
+            "model": {"name": "torchvision:resnet18", "num_classes": 2},
+            "data": {"name": "image_folder", "root": str(root), "image_size": 32, "val_fraction": 0.25},
+            "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+            "strategy": {"name": "finetune", "freeze_epochs": 1, "lr_decay": 0.5},
             "train": {"epochs": 2, "batch_size": 6},
-            "output": {"dir": str(tmp_path / "unfrozen"), "progress": False},
+            "output": {"dir": str(tmp_path / "run"), "progress": False},
         }
     )
     run = build_run(cfg, log=lambda *_: None)
-    before = _body_state(run.model)
-    trainer = make_trainer(run)
+    start, head_start = _body_state(run.model), run.model.fc.weight.detach().clone()
+    probe = AfterProbe()
+    trainer = make_trainer(run, [probe])
     trainer.fit()
-    assert not torch.equal(before["conv1.weight"], run.model.conv1.weight)
-    assert not torch.equal(before["bn1.running_mean"], run.model.bn1.running_mean)
-    lr_of = {}
+    # epoch 0 is the linear probe: the body (weights and BatchNorm statistics) stays as loaded
+    assert all(torch.equal(start[k], probe.body[k]) for k in start if not k.endswith("num_batches_tracked"))
+    assert not torch.equal(head_start, probe.head)
+    # epoch 1 trains everything; BatchNorm statistics move again; earlier layers get smaller LRs
+    assert not torch.equal(probe.body["conv1.weight"], run.model.conv1.weight)
+    assert not torch.equal(probe.body["bn1.running_mean"], run.model.bn1.running_mean)
     names = {id(p): n for n, p in run.model.named_parameters()}
-    for g in trainer.optimizer.param_groups:
-        for p in g["params"]:
-            lr_of[names[id(p)]] = g.get("initial_lr", g["lr"])
+    lr_of = {
+        names[id(p)]: g.get("initial_lr", g["lr"])
+        for g in trainer.optimizer.param_groups
+        for p in g["params"]
+    }
     assert lr_of["conv1.weight"] < lr_of["layer4.1.conv2.weight"] < lr_of["fc.weight"] == 0.05
+    assert (tmp_path / "run" / "confusion_matrix.png").is_file()

@@ -187,7 +187,11 @@ def _check_image(path: Path, opts: ImageOptions, skipped: Skipped, where: str) -
 
 
 def _folder_examples(
-    folder: Path, opts: ImageOptions, classes: list[str] | None, skipped: Skipped
+    folder: Path,
+    opts: ImageOptions,
+    classes: list[str] | None,
+    skipped: Skipped,
+    on_classes: Callable[[list[str]], None] | None = None,
 ) -> tuple[list[Path], list[int], list[str]]:
     """(paths, labels, classes) of an ImageFolder-layout folder; `classes` fixes the order (eval splits)."""
     if not folder.is_dir():
@@ -206,6 +210,8 @@ def _folder_examples(
             raise DataError(
                 f"data.classes names `{missing[0]}`, but `{folder}` has no such folder (has {', '.join(found)})"
             )
+        if on_classes is not None:
+            on_classes(classes)
     else:
         extra = [c for c in found if c not in classes]
         if extra:
@@ -257,12 +263,18 @@ def _sort_class_names(names: set[str]) -> list[str]:
 
 
 def _csv_examples(
-    csv_path: Path, opts: ImageOptions, classes: list[str] | None, skipped: Skipped
+    csv_path: Path,
+    opts: ImageOptions,
+    classes: list[str] | None,
+    skipped: Skipped,
+    on_classes: Callable[[list[str]], None] | None = None,
 ) -> tuple[list[Path], list[int], list[str]]:
     rows = _read_csv_rows(csv_path, opts)
     root = Path(resolve_path(opts.image_root)) if opts.image_root else csv_path.parent
     if classes is None:
         classes = list(opts.classes) if opts.classes else _sort_class_names({r[2] for r in rows})
+        if on_classes is not None:
+            on_classes(classes)
     index = {c: i for i, c in enumerate(classes)}
     paths: list[Path] = []
     labels: list[int] = []
@@ -322,6 +334,18 @@ def _subset(ds: ImageDataset, idx: list[int], transform: Callable) -> ImageDatas
 
 
 def _check_num_classes(cfg: RunConfig, classes: list[str], where: str) -> None:
+    """The model head and the task must have one output per class found in the data."""
+    needed = []
+    if cfg.model.name.startswith(("torchvision:", "timm:")):
+        needed.append("model")  # else the library's 1000-class ImageNet head would silently stay
+    if cfg.task.kwargs.get("name") == "image_classification":
+        needed.append("task")  # the run fills num_classes from the data only for `classification`
+    for section in needed:
+        if getattr(cfg, section).kwargs.get("num_classes") is None:
+            raise ConfigError(
+                f"`{section}.num_classes` is not set; {where} has {len(classes)} classes "
+                f"({', '.join(classes[:10])}): set {section}.num_classes: {len(classes)}"
+            )
     for section in ("model", "task"):
         n = getattr(cfg, section).kwargs.get("num_classes")
         if n is not None and n != len(classes):
@@ -352,8 +376,9 @@ def _build(cfg: RunConfig, kind: str) -> DataBundle:
         }
         read = _csv_examples
         where = str(splits["train"])
-    paths, labels, classes = read(Path(splits["train"]), opts, None, skipped)
-    _check_num_classes(cfg, classes, where)
+    paths, labels, classes = read(
+        Path(splits["train"]), opts, None, skipped, lambda c: _check_num_classes(cfg, c, where)
+    )
     train = ImageDataset(paths, labels, train_tf, opts.on_bad_image)
     datasets: dict[str, ImageDataset | None] = {"eval": None, "test": None}
     for split in ("eval", "test"):

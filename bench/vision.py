@@ -1,0 +1,186 @@
+"""Vision fine-tuning, side by side: the PyTorch transfer-learning tutorial loop vs tunelab's Trainer.
+
+    .venv/bin/python bench/vision.py                                   # plain vs ours, 112 px, 40 steps
+    .venv/bin/python bench/vision.py --steps 8 --image-size 64         # a quick look
+    .venv/bin/python bench/vision.py --sides plain,ours,ours_channels_last,ours_compile
+
+Same model (torchvision resnet18, random weights, 2-class head, full fine-tuning), same data (the
+hymenoptera train folder, ImageFolder layout), same transforms (RandomResizedCrop + horizontal flip +
+normalise, decoded with PIL in DataLoader workers), same batch size, SGD lr 0.001 momentum 0.9, fp32, same
+seed. Each side runs in its own subprocess. Throughput is training images per second summed over the
+training steps only (each step timed from asking for the batch to the end of the optimizer step; model
+building, evaluation and reports excluded on both sides). Variants: `ours_channels_last` (model
+channels_last=true) and `ours_compile` (train.compile=true, compile time included in the first step: use
+enough steps). The last line printed is one JSON object with every side's figures and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = (
+    Path(os.environ.get("TUNELAB_SHARED_DATA", REPO.parent / "shared" / "data"))
+    / "images"
+    / "hymenoptera_data"
+)
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sides (each runs in a child process)
+# ---------------------------------------------------------------------------------------------------
+def side_plain(args: argparse.Namespace) -> dict:
+    """The loop of the PyTorch 'Transfer Learning for Computer Vision' tutorial, with its transforms."""
+    import torch
+    import torch.nn as nn
+    from torchvision import datasets, models, transforms
+
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    tf = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(args.image_size),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
+    dataset = datasets.ImageFolder(str(DATA / "train"), tf)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers
+    )
+    model = models.resnet18()
+    model.fc = nn.Linear(model.fc.in_features, 2)
+    model = model.to(device)
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    model.train()
+    images, train_time, step = 0, 0.0, 0
+    while step < args.steps:
+        it = iter(loader)
+        while step < args.steps:
+            t0 = time.perf_counter()
+            try:
+                inputs, labels = next(it)
+            except StopIteration:
+                break
+            inputs, labels = inputs.to(device), labels.to(device)
+            optimizer.zero_grad()
+            loss = criterion(model(inputs), labels)
+            loss.backward()
+            optimizer.step()
+            loss.item()  # the tutorial reads the loss every step (and it syncs the device)
+            train_time += time.perf_counter() - t0
+            images += len(labels)
+            step += 1
+    return {"images_per_s": images / train_time, "steps": step, "images": images, "train_s": train_time}
+
+
+def side_ours(args: argparse.Namespace, variant: str) -> dict:
+    sys.path.insert(0, str(REPO / "src"))
+    from tunelab.config import load_config
+    from tunelab.run import build_run, make_trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(
+            {
+                "name": "bench-vision",
+                "model": {
+                    "name": "torchvision:resnet18",
+                    "num_classes": 2,
+                    "channels_last": variant == "ours_channels_last",
+                },
+                # the train folder alone: no eval split, so no evaluation or report on this side
+                "data": {"name": "image_folder", "root": str(DATA / "train"), "image_size": args.image_size,
+                         "resize_size": args.image_size, "verify_images": False},
+                "optim": {"name": "sgd", "lr": 0.001, "momentum": 0.9, "no_decay": []},
+                "train": {"max_steps": args.steps, "batch_size": args.batch_size, "num_workers": args.num_workers,
+                          "seed": args.seed, "precision": "fp32", "device": args.device,
+                          "compile": variant == "ours_compile", "log_every": 1_000_000},
+                "output": {"dir": str(Path(tmp) / "run"), "progress": False, "tensorboard": False},
+                "report": {"enabled": False},
+                "doctor": {"enabled": False},
+            }
+        )  # fmt: skip
+        run = build_run(cfg, log=lambda *_: None)
+        summary = make_trainer(run).fit()
+    return {"images_per_s": summary["train_samples_per_s"], "steps": summary["global_step"]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The parent: one subprocess per side, one JSON line at the end
+# ---------------------------------------------------------------------------------------------------
+def run_side(side: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--side", side, "--steps", str(args.steps), "--batch-size",
+           str(args.batch_size), "--image-size", str(args.image_size), "--num-workers", str(args.num_workers),
+           "--seed", str(args.seed), "--device", args.device]  # fmt: skip
+    t0 = time.time()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"side {side} failed (exit {proc.returncode})")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_s"] = round(time.time() - t0, 1)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sides", default="plain,ours")
+    p.add_argument("--side", help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    args = p.parse_args()
+    if args.side:
+        result = side_plain(args) if args.side == "plain" else side_ours(args, args.side)
+        print(json.dumps(result))
+        return
+    sides = args.sides.split(",")
+    results: dict = {
+        "bench": "vision",
+        "model": "torchvision:resnet18",
+        "device": args.device,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "num_workers": args.num_workers,
+        "load_avg_start": round(os.getloadavg()[0], 2),
+    }
+    for side in sides:
+        results[side] = run_side(side, args)
+        print(f"{side}: {json.dumps(results[side])}", file=sys.stderr)
+    base = results.get("plain", {}).get("images_per_s")
+    ours = results.get("ours", {}).get("images_per_s")
+    if base and ours:
+        results["ratio"] = round(ours / base, 3)  # target >= 1.0
+    for variant in ("ours_channels_last", "ours_compile"):
+        if ours and variant in results:
+            results[f"{variant.removeprefix('ours_')}_vs_ours"] = round(
+                results[variant]["images_per_s"] / ours, 3
+            )
+    results["load_avg_end"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(results))
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
