@@ -37,6 +37,9 @@ CASES = {
 }
 
 
+DIAGNOSES: dict[str, list[str]] = {}  # run -> the doctor's diagnoses (false-alarm evidence on real runs)
+
+
 def _run(args: list[str]) -> subprocess.CompletedProcess:
     proc = subprocess.run(TUNELAB + args, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -61,7 +64,13 @@ def train_once(recipe: str, overrides: list[str], lr: float, out: Path, metric: 
         ]
     )
     value = json.loads((out / "summary.json").read_text())["metrics"][metric]
-    print(f"  lr {lr:.3g}: {metric} {value:.4f} ({time.time() - t0:.0f}s)", file=sys.stderr)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    kinds = [json.loads(x)["kind"] for x in lines if '"diagnosis"' in x]
+    print(
+        f"  lr {lr:.3g}: {metric} {value:.4f}, doctor: {kinds or 'no diagnosis'} ({time.time() - t0:.0f}s)",
+        file=sys.stderr,
+    )
+    DIAGNOSES[f"{out.name}"] = kinds
     return float(value)
 
 
@@ -90,6 +99,7 @@ def check(name: str, case: dict, tmp: Path, steps: int) -> dict:
         "best_grid_score": grid[best_lr],
         "points_below_best": round(gap, 2),
         "within_1_point": gap <= 1.0,
+        "doctor": {k: v for k, v in DIAGNOSES.items() if k.startswith(name)},
     }
 
 

@@ -400,7 +400,15 @@ class Doctor(Callback):
             print(d.line(), file=sys.stderr)
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        trainable = [(n, p) for n, p in trainer.raw_model.named_parameters() if p.requires_grad]
+        import torch.nn as nn
+
+        # embedding rows get sparse gradients (only the tokens seen): their RMS says nothing about depth
+        sparse = {
+            id(p) for m in trainer.raw_model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
+        }
+        trainable = [
+            (n, p) for n, p in trainer.raw_model.named_parameters() if p.requires_grad and id(p) not in sparse
+        ]
         if len(trainable) >= 2:
             (self._first, p_first), (self._last, p_last) = trainable[0], trainable[-1]
             for key, p in (("first", p_first), ("last", p_last)):
