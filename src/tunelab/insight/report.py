@@ -387,7 +387,7 @@ border-bottom:1px solid #dde;padding-bottom:4px}.sub{color:#667;margin-top:0}tab
 font-size:.9em}td,th{border:1px solid #dde;padding:4px 10px;text-align:left;vertical-align:top}
 th{background:#f3f5fa}.fig{margin:10px 0}.fig img{max-width:100%;border:1px solid #eef}
 .dx{border-left:4px solid #d9822b;background:#fff7ee;padding:8px 12px;margin:8px 0}
-.dx.ok{border-color:#2b9d55;background:#effaf2}.dx b{text-transform:capitalize}
+.dx.ok{border-color:#2b9d55;background:#effaf2}.dx b.kind{text-transform:capitalize}
 pre{background:#f6f8fa;padding:10px;overflow:auto;font-size:.8em}
 .failed{color:#b3261e;font-weight:600}.completed,.stopped_early{color:#2b9d55;font-weight:600}
 """
@@ -435,7 +435,7 @@ def summary_rows(run: RunData) -> list[tuple[str, Any]]:
         rows.append(("generalisation gap (validation - train loss)", gap))
     metrics = s.get("metrics") or {}
     for k, v in metrics.items():
-        if _scalar(v):
+        if _scalar(v) and k != "loss":  # the final loss is the validation loss above
             rows.append((f"final {k}", v))
     if s.get("best"):
         rows.append(("best checkpoint", s["best"]))
@@ -471,7 +471,7 @@ def _diagnoses_html(run: RunData) -> str:
     parts = []
     for d in dx:
         parts.append(
-            f'<div class="dx"><b>{html.escape(str(d.get("kind", "")).replace("_", " "))}</b> '
+            f'<div class="dx"><b class="kind">{html.escape(str(d.get("kind", "")).replace("_", " "))}</b> '
             f"(step {_fmt(d.get('step'))})<br>Evidence: {html.escape(str(d.get('evidence', '')))}<br>"
             f"Remedy: {html.escape(str(d.get('remedy', '')))}</div>"
         )
@@ -513,7 +513,18 @@ def _figures(runs: list[RunData], dpi: int) -> list[tuple[str, str | None]]:
         ("Learning-rate schedule", _line_figure(runs, "lr", "Learning-rate schedule", "lr", dpi)),
         (
             "Gradient norm",
-            _line_figure(runs, "grad_norm", "Gradient norm (before clipping)", "grad norm", dpi, log=True),
+            _line_figure(
+                runs,
+                "grad_norm",
+                "Gradient norm (before clipping)",
+                "grad norm",
+                dpi,
+                log=True,
+                extra=(
+                    ("grad_rms_first", "RMS grad, first layer"),
+                    ("grad_rms_last", "RMS grad, last layer"),
+                ),
+            ),
         ),
         ("Throughput", figure_throughput(runs, dpi)),
     ]
