@@ -75,8 +75,8 @@ def steepest_lr(lrs: list[float], smoothed: list[float], skip_start: int = 0) ->
 
 
 def valley_lr(lrs: list[float], losses: list[float]) -> float | None:
-    """fastai's `valley`: the longest decreasing stretch of the curve, 2/3 of the way down it... taken at
-    the index fastai uses (start + section + section/2)."""
+    """fastai's `valley` rule: find the longest strictly decreasing run of the curve (as a subsequence) and
+    take the LR at the index fastai uses, start + section + section/2 with section = length / 3."""
     n = len(losses)
     if n < 3:
         return None

@@ -402,7 +402,7 @@ def levers(plan: Plan, cfg: RunConfig, model: torch.nn.Module, pr: Probe, budget
             )
         )
     # 4. QLoRA: linear weights in 4 bits (about 0.56 byte per value with the block scales)
-    if linears and cfg.model.name in ("hf_causal_lm", "hf"):
+    if linears and cfg.model.name == "hf_causal_lm":
         lin = sum(i * o for i, o in linears)
         lora = sum(16 * (i + o) for i, o in linears) * 4
         weights = plan.weights_bytes - lin * 4 + int(lin * 0.56)

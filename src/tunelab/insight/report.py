@@ -466,6 +466,8 @@ def _diagnoses(run: RunData) -> list[Record]:
 
 def _diagnoses_html(run: RunData) -> str:
     dx = _diagnoses(run)
+    if not dx and (run.config.get("doctor") or {}).get("enabled") is False:
+        return '<div class="dx ok">The run doctor was off for this run (<code>doctor.enabled: false</code>).</div>'
     if not dx:
         return '<div class="dx ok"><b>No problems found</b> by the run doctor.</div>'
     parts = []
