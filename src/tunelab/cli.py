@@ -186,7 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        # key=value overrides may come before or after flags (`train CFG --resume a=1 b=2`)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+                args.overrides = list(args.overrides or []) + extra
+            else:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.func(args) or 0
     except TunelabError as e:
         if debug:
