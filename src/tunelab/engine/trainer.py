@@ -372,9 +372,9 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.train_cfg.clip_grad_norm:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.train_cfg.clip_grad_norm)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self._params if p.grad is not None])
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.train_cfg.clip_grad_norm)
+        elif self._will_log(self.global_step + 1):  # only logged steps pay for the norm
+            self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self._params if p.grad is not None])
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -382,7 +382,6 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self._grad_norm = grad_norm
         return loss_sum, all_reduce_sum(torch.stack(counts).sum().float())
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
@@ -403,6 +402,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.schedule_cfg, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
         self._ckpt = CheckpointManager(self.output_dir / "checkpoints", cfg.keep_last)
+        self._grad_norm = torch.zeros(())
         self._window = {"loss": 0.0, "targets": 0.0, "samples": 0, "tokens": 0, "time": 0.0, "data": 0.0, "steps": 0}
         if resume:
             path = self._ckpt.latest_valid(warn=lambda m: print(f"warning: {m}", file=sys.stderr))
@@ -485,7 +485,7 @@ class Trainer:
                                      step_s, data_s)
                     if progress is not None:
                         progress.update(1)
-                    if self.global_step % cfg.log_every == 0 or self.global_step == self.total_steps:
+                    if self._will_log(self.global_step):
                         self._log_train(progress, has_tokens)
                     if self.eval_data is not None and self.eval_cfg.every and (
                         self.global_step % self.eval_cfg.every == 0
@@ -516,6 +516,9 @@ class Trainer:
         if error is not None:
             raise TrainingDiverged(error, self.global_step)
         return summary
+
+    def _will_log(self, step: int) -> bool:
+        return step % self.train_cfg.log_every == 0 or step == self.total_steps
 
     def _done(self) -> bool:
         cfg = self.train_cfg
