@@ -302,7 +302,8 @@ def make_plan(cfg: RunConfig, budget: int | None = None, log=print, time_device:
     overhead = int(pr.output_bytes * scale) + 64 * MiB
     total_bytes = weights + grads + opt + activations + overhead
     flops = pr.flops * scale * accum
-    dev_flops = device_matmul_flops(target) if time_device else None
+    here = target.type == "cpu" or (target.type == "cuda" and torch.cuda.is_available())
+    dev_flops = device_matmul_flops(target) if time_device and here else None
     step_time = flops / dev_flops if dev_flops else None
     if budget is None:
         budget = _device_memory(target)
@@ -337,7 +338,9 @@ def _device_memory(device: torch.device) -> int | None:
     import torch
 
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
+        return torch.cuda.get_device_properties(device).total_memory if torch.cuda.is_available() else None
+    if device.type != "cpu":
+        return None
     try:
         for line in open("/proc/meminfo"):
             if line.startswith("MemAvailable:"):
