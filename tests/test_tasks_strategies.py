@@ -1,0 +1,100 @@
+import torch
+import torch.nn as nn
+
+from tunelab.config import EarlyStoppingSection, EvalSection, LossSection, OptimSection, TrainSection, load_config
+from tunelab.data.base import TensorDataset
+from tunelab.engine import Trainer
+from tunelab.models import create_model
+from tunelab.strategies import build_strategy, layer_groups
+from tunelab.tasks import build_task
+
+
+def _fit(model, task, train, val, tmp_path, lr=1e-2, **train_kw):
+    trainer = Trainer(model, task, train, val, optim=OptimSection(name="adamw", lr=lr),
+                      train=TrainSection(**{"max_steps": 60, "batch_size": 32, **train_kw}),
+                      eval=EvalSection(), output_dir=tmp_path)
+    summary = trainer.fit()
+    return trainer, summary
+
+
+def test_regression_metrics(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(512, 4)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1 * torch.randn(512)
+    task = build_task("regression", loss=LossSection(name="huber"))
+    trainer, summary = _fit(nn.Linear(4, 1), task, TensorDataset(x[:400], y[:400]),
+                            TensorDataset(x[400:], y[400:]), tmp_path, lr=0.1, max_steps=150)
+    m = summary["metrics"]
+    assert m["r2"] > 0.9 and m["mse"] < 1.0 and m["mae"] < 1.0 and set(m) >= {"loss", "mse", "mae", "r2"}
+
+
+def test_multilabel(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(600, 6)
+    y = torch.stack([x[:, 0] > 0, x[:, 1] + x[:, 2] > 0, x[:, 3] < -0.5], dim=1).float()
+    task = build_task("multilabel", loss=LossSection(), num_labels=3)
+    _, summary = _fit(nn.Linear(6, 3), task, TensorDataset(x[:500], y[:500]), TensorDataset(x[500:], y[500:]),
+                      tmp_path, max_steps=150)
+    assert summary["metrics"]["accuracy"] > 0.85 and "f1_macro" in summary["metrics"]
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
+    task = build_task("classification", loss=LossSection(), num_classes=3)
+    trainer, summary = _fit(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), task,
+                            TensorDataset(x, y), TensorDataset(x, y), tmp_path, max_steps=5, precision="bf16")
+    assert trainer.autocast_dtype == torch.bfloat16 and summary["status"] == "completed"
+
+
+def test_early_stopping_restores_best(tmp_path):
+    torch.manual_seed(0)
+    # labels are noise: validation loss gets worse as the model memorises the training set
+    x, y = torch.randn(64, 32), torch.randint(0, 2, (64,))
+    xv, yv = torch.randn(64, 32), torch.randint(0, 2, (64,))
+    task = build_task("classification", loss=LossSection(), num_classes=2)
+    model = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 2))
+    trainer = Trainer(model, task, TensorDataset(x, y), TensorDataset(xv, yv),
+                      optim=OptimSection(name="adam", lr=1e-2),
+                      train=TrainSection(max_steps=200, batch_size=16), eval=EvalSection(every=4),
+                      early_stopping=EarlyStoppingSection(enabled=True, monitor="loss", patience=3),
+                      output_dir=tmp_path)
+    summary = trainer.fit()
+    es = summary["early_stopping"]
+    assert summary["status"] == "stopped_early" and summary["global_step"] < 200
+    assert es["stopped_step"] == summary["global_step"] and es["best_step"] < es["stopped_step"]
+    assert summary["metrics"]["loss"] == __import__("pytest").approx(es["best"], rel=1e-5)
+
+
+def test_layer_groups_and_strategies():
+    model = create_model("cnn", num_classes=4)
+    groups = layer_groups(model)
+    assert groups[-1] == ["fc.weight", "fc.bias"] and groups[0][0] == "features.0.weight"
+    cfg = load_config({"model": {"name": "cnn"}, "data": {"name": "digits"},
+                       "strategy": {"name": "finetune", "freeze_epochs": 1, "lr_decay": 0.5}})
+    strategy = build_strategy(cfg)
+    model, scales = strategy.setup(model)
+    assert scales["fc.weight"] == 1.0 and scales["features.0.weight"] < scales["features.4.weight"] < 1.0
+    strategy.on_epoch_start(model, 0)
+    model.train()
+    strategy.on_train_mode(model)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+    assert not model.features[1].training  # frozen BatchNorm keeps its running statistics
+    strategy.on_epoch_start(model, 1)
+    model.train()
+    strategy.on_train_mode(model)
+    assert all(p.requires_grad for p in model.parameters()) and model.features[1].training
+
+
+def test_gradual_unfreeze_and_llrd():
+    model = create_model("mlp", in_features=8, hidden=[8, 8], num_classes=2)
+    base = {"model": {"name": "mlp"}, "data": {"name": "digits"}}
+    gu = build_strategy(load_config({**base, "strategy": {"name": "gradual_unfreeze", "every": 1}}))
+    gu.setup(model)
+    counts = []
+    for epoch in range(4):
+        gu.on_epoch_start(model, epoch)
+        counts.append(sum(p.requires_grad for p in model.parameters()))
+    assert counts == sorted(counts) and counts[0] == 2 and counts[-1] == len(list(model.parameters()))
+    _, scales = build_strategy(load_config({**base, "strategy": {"name": "layerwise_lr", "lr_decay": 0.5}})).setup(model)
+    assert sorted(set(scales.values())) == [0.25, 0.5, 1.0]
