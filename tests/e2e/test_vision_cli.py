@@ -115,23 +115,26 @@ def test_accuracy_above_chance_and_artefacts_written(finetuned):
     assert final["fc.weight"].shape == (2, 512)
 
 
-def test_predict_images(finetuned):
+def test_predict_images(finetuned, capsys):
+    from tunelab.cli import main
+
     run_dir, _, _, images = finetuned
     paths = [str(sorted((images / "val" / c).glob("*.jpg"))[0]) for c in ("ants", "bees")]
-    result = tunelab("predict", str(run_dir), "--image", *paths)
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert main(["predict", str(run_dir), "--image", *paths]) == 0
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [r["image"] for r in rows] == paths
     for r in rows:
         assert r["label"] in ("ants", "bees")
         assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
 
 
-def test_mismatched_num_classes_is_a_clear_cli_error(tmp_path, shared_data):
-    result = tunelab(
-        "train", str(RECIPE), "model.weights=null", "model.num_classes=3",
-        f"data.root={shared_data / 'images' / 'hymenoptera_data'}", f"output.dir={tmp_path / 'run'}",
-    )  # fmt: skip
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
+def test_mismatched_num_classes_is_a_clear_cli_error(tmp_path, shared_data, capsys):
+    from tunelab.cli import main
+
+    images = shared_data / "images" / "hymenoptera_data"
+    args = ["train", str(RECIPE), "model.weights=null", "model.num_classes=3", f"data.root={images}",
+            f"output.dir={tmp_path / 'run'}"]  # fmt: skip
+    assert main(args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: `model.num_classes` = 3") and "set model.num_classes: 2" in last
