@@ -18,6 +18,7 @@ At the end of a run the `VisionReport` callback writes `confusion_matrix.png`, `
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -96,19 +97,19 @@ class ImageOptions(BaseModel):
 
 
 # -- transforms ------------------------------------------------------------------------------------------
-def _preset(cfg: RunConfig, opts: ImageOptions):
+def _preset(cfg: RunConfig, opts: ImageOptions) -> Any:
+    """The backbone's preset with the `data:` overrides applied."""
     from tunelab.models.vision import backbone_preset
 
     preset = backbone_preset(cfg.model.name)
     if opts.image_size is not None:
         preset = preset.scaled(opts.image_size)
-    if opts.resize_size is not None:
-        preset = type(preset)(
-            preset.crop_size, opts.resize_size, preset.mean, preset.std, preset.interpolation
-        )
-    mean = tuple(opts.mean) if opts.mean else preset.mean
-    std = tuple(opts.std) if opts.std else preset.std
-    return type(preset)(preset.crop_size, preset.resize_size, mean, std, preset.interpolation)
+    return dataclasses.replace(
+        preset,
+        resize_size=opts.resize_size or preset.resize_size,
+        mean=tuple(opts.mean) if opts.mean else preset.mean,
+        std=tuple(opts.std) if opts.std else preset.std,
+    )
 
 
 def build_transforms(cfg: RunConfig, opts: ImageOptions) -> tuple[Callable, Callable]:
