@@ -149,8 +149,9 @@ def side_peer(args: argparse.Namespace, tuned: bool) -> dict:
     }
 
 
-def side_ours(args: argparse.Namespace) -> dict:
-    """tunelab: the sst2-minilm recipe, overridden to the benchmark's settings."""
+def side_ours(args: argparse.Namespace, bf16: bool = False) -> dict:
+    """tunelab: the sst2-minilm recipe, overridden to the benchmark's settings (`bf16`: autocast, an
+    extra row outside the fp32 comparison)."""
     import torch
 
     sys.path.insert(0, str(REPO / "src"))
@@ -165,7 +166,7 @@ def side_ours(args: argparse.Namespace) -> dict:
         f"data.max_length={args.max_length}",
         f"train.batch_size={args.batch_size}",
         f"train.device={args.device}",
-        f"train.precision={'bf16' if args.bf16 else 'fp32'}",
+        f"train.precision={'bf16' if args.bf16 or bf16 else 'fp32'}",
         "eval.monitor=null",
         "output.tensorboard=false",
         "output.progress=false",
@@ -194,19 +195,22 @@ def side_ours(args: argparse.Namespace) -> dict:
 
 
 def side_peak(args: argparse.Namespace) -> dict:
-    """fp32 matmul peak of this machine (2048^3 GEMMs at the default thread count), GFLOP/s."""
+    """Matmul peak of this machine (2048^3 GEMMs at the default thread count), GFLOP/s, fp32 and bf16."""
     import torch
 
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(5):
+    out = {"threads": torch.get_num_threads()}
+    for name, dtype in (("gflops", torch.float32), ("bf16_gflops", torch.bfloat16)):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        for _ in range(3):
             a @ b
-        best = max(best, 5 * 2 * 2048**3 / (time.perf_counter() - t0) / 1e9)
-    return {"gflops": best, "threads": torch.get_num_threads()}
+        best = 0.0
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(5):
+                a @ b
+            best = max(best, 5 * 2 * 2048**3 / (time.perf_counter() - t0) / 1e9)
+        out[name] = best
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -227,7 +231,7 @@ def run_child(side: str, argv: list[str]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=8000)
-    p.add_argument("--sides", default="peer,peer_tuned,ours")
+    p.add_argument("--sides", default="peer,peer_tuned,ours,ours_bf16")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
@@ -240,6 +244,7 @@ def main() -> None:
             "peer": lambda: side_peer(args, tuned=False),
             "peer_tuned": lambda: side_peer(args, tuned=True),
             "ours": lambda: side_ours(args),
+            "ours_bf16": lambda: side_ours(args, bf16=True),
             "peak": lambda: side_peak(args),
         }[args.child]
         result = fn()
@@ -254,7 +259,9 @@ def main() -> None:
     sides = args.sides.split(",")
     results: dict = {"n_train": args.n, "device": args.device, "precision": "bf16" if args.bf16 else "fp32"}
     if args.device == "cpu":
-        results["matmul_peak_gflops"] = round(run_child("peak", argv)["gflops"], 1)
+        peak = run_child("peak", argv)
+        results["matmul_peak_gflops"] = round(peak["gflops"], 1)
+        results["bf16_matmul_peak_gflops"] = round(peak["bf16_gflops"], 1)
     flops_per_token = 6 * nonembedding_params()
     for side in sides:
         r = run_child(side, argv)
@@ -275,6 +282,11 @@ def main() -> None:
         results["acc_delta_vs_tuned"] = round(
             results["ours"]["dev_acc"] - results["peer_tuned"]["dev_acc"], 4
         )
+    if "ours_bf16" in results and "peer" in results:
+        results["speedup_bf16"] = round(
+            results["ours_bf16"]["samples_per_s"] / results["peer"]["samples_per_s"], 3
+        )
+        results["acc_delta_bf16"] = round(results["ours_bf16"]["dev_acc"] - results["peer"]["dev_acc"], 4)
     results["date"] = time.strftime("%Y-%m-%d")
     results["load_avg_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps(results))

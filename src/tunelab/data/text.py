@@ -192,8 +192,7 @@ def _read_jsonl(path: Path, max_rows: int | None) -> Rows:
     for rec in records:
         keys.update(dict.fromkeys(rec))
     columns = {k: [rec.get(k) for rec in records] for k in keys}
-    rows = Rows(str(path), columns, line_numbers=line_numbers, first_line=0)
-    return rows
+    return Rows(str(path), columns, line_numbers=line_numbers, first_line=0)
 
 
 def _read_parquet(path: Path, max_rows: int | None) -> Rows:
@@ -305,10 +304,15 @@ def label_vocabulary(raw: list[str], names: list[str] | None) -> tuple[list[str]
 def encode_labels(
     raw: list[str], lookup: dict[str, int], rows: Rows, names: list[str], split: str
 ) -> torch.Tensor:
+    """Label ids of `raw`; a label outside the vocabulary is an error naming its row."""
     ids = []
     for i, r in enumerate(raw):
         if r not in lookup:
             known = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
+            if split == "train":  # only possible when the names were given
+                raise DataError(
+                    f"{rows.where(i)}: label `{r}` is not one of data.labels ({known}) nor an id below {len(names)}"
+                )
             hint = "fix the row or list every label name in data.labels"
             raise DataError(
                 f"{rows.where(i)}: {split} label `{r}` never appears in the training data (labels: {known}); {hint}"
