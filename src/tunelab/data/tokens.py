@@ -241,7 +241,14 @@ def build(cfg: RunConfig) -> DataBundle:
         )
     stride = 1 if opts.sampling == "random" else block_size
     train = TokenWindows(folder / "train.bin", dtype, block_size, stride)
-    val = TokenWindows(folder / "val.bin", dtype, block_size, block_size) if opts.val_fraction > 0 else None
+    val = None
+    if opts.val_fraction > 0:
+        val = TokenWindows(folder / "val.bin", dtype, block_size, block_size)
+        # Whole eval batches only: a compiled model then sees one eval shape (a ragged last batch would
+        # cost a recompile); at most batch_size - 1 windows of the tail are left out.
+        eval_bs = cfg.eval.batch_size or cfg.train.batch_size
+        if len(val) > eval_bs:
+            val.n -= len(val) % eval_bs
 
     callbacks: list[Any] = [TokenizerArtifact(tokenizer)]
     from tunelab.models.gpt_callbacks import FlopsCallback
