@@ -3,15 +3,17 @@
     .venv/bin/python bench/vision.py                                   # plain vs ours, 112 px, 40 steps
     .venv/bin/python bench/vision.py --steps 8 --image-size 64         # a quick look
     .venv/bin/python bench/vision.py --sides plain,ours,ours_channels_last,ours_compile
+    .venv/bin/python bench/vision.py --repeats 3                       # alternate the sides, keep medians
 
 Same model (torchvision resnet18, random weights, 2-class head, full fine-tuning), same data (the
 hymenoptera train folder, ImageFolder layout), same transforms (RandomResizedCrop + horizontal flip +
 normalise, decoded with PIL in DataLoader workers), same batch size, SGD lr 0.001 momentum 0.9, fp32, same
-seed. Each side runs in its own subprocess. Throughput is training images per second summed over the
-training steps only (each step timed from asking for the batch to the end of the optimizer step; model
-building, evaluation and reports excluded on both sides). Variants: `ours_channels_last` (model
-channels_last=true) and `ours_compile` (train.compile=true, compile time included in the first step: use
-enough steps). The last line printed is one JSON object with every side's figures and the ratios.
+seed. Each side runs in its own subprocess. Throughput is training images per second over the training
+steps after the first `--warmup` (2) ones, each step timed from asking for the batch to the end of the
+optimizer step (model building, evaluation and reports excluded on both sides; tunelab's per-step times
+come from its metrics.jsonl with log_every=1). Variants: `ours_channels_last` (model channels_last=true)
+and `ours_compile` (train.compile=true; the first compile is in the warm-up steps, the recompile for the
+last, smaller batch of an epoch is counted). The last line printed is one JSON object with every side's figures and the ratios.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,10 +66,10 @@ def side_plain(args: argparse.Namespace) -> dict:
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     model.train()
-    images, train_time, step = 0, 0.0, 0
-    while step < args.steps:
+    steps: list[tuple[int, float]] = []  # (images, seconds) per step
+    while len(steps) < args.steps:
         it = iter(loader)
-        while step < args.steps:
+        while len(steps) < args.steps:
             t0 = time.perf_counter()
             try:
                 inputs, labels = next(it)
@@ -78,10 +81,15 @@ def side_plain(args: argparse.Namespace) -> dict:
             loss.backward()
             optimizer.step()
             loss.item()  # the tutorial reads the loss every step (and it syncs the device)
-            train_time += time.perf_counter() - t0
-            images += len(labels)
-            step += 1
-    return {"images_per_s": images / train_time, "steps": step, "images": images, "train_s": train_time}
+            steps.append((len(labels), time.perf_counter() - t0))
+    return rate(steps, args.warmup)
+
+
+def rate(steps: list[tuple[int, float]], warmup: int) -> dict:
+    """Images per second over the steps after the first `warmup` ones."""
+    kept = steps[warmup:]
+    images, seconds = sum(n for n, _ in kept), sum(t for _, t in kept)
+    return {"images_per_s": images / seconds, "timed_steps": len(kept), "train_s": round(seconds, 2)}
 
 
 def side_ours(args: argparse.Namespace, variant: str) -> dict:
@@ -104,15 +112,22 @@ def side_ours(args: argparse.Namespace, variant: str) -> dict:
                 "optim": {"name": "sgd", "lr": 0.001, "momentum": 0.9, "no_decay": []},
                 "train": {"max_steps": args.steps, "batch_size": args.batch_size, "num_workers": args.num_workers,
                           "seed": args.seed, "precision": "fp32", "device": args.device,
-                          "compile": variant == "ours_compile", "log_every": 1_000_000},
+                          "compile": variant == "ours_compile", "log_every": 1},
                 "output": {"dir": str(Path(tmp) / "run"), "progress": False, "tensorboard": False},
                 "report": {"enabled": False},
                 "doctor": {"enabled": False},
             }
         )  # fmt: skip
         run = build_run(cfg, log=lambda *_: None)
-        summary = make_trainer(run).fit()
-    return {"images_per_s": summary["train_samples_per_s"], "steps": summary["global_step"]}
+        make_trainer(run).fit()
+        events = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    # log_every=1: each `train` event is one step, timed from asking for the batch to the optimizer step
+    steps = [
+        (round(e["samples_per_s"] * e["step_time_s"]), e["step_time_s"])
+        for e in events
+        if e["event"] == "train"
+    ]
+    return rate(steps, args.warmup)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -121,7 +136,7 @@ def side_ours(args: argparse.Namespace, variant: str) -> dict:
 def run_side(side: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--steps", str(args.steps), "--batch-size",
            str(args.batch_size), "--image-size", str(args.image_size), "--num-workers", str(args.num_workers),
-           "--seed", str(args.seed), "--device", args.device]  # fmt: skip
+           "--seed", str(args.seed), "--device", args.device, "--warmup", str(args.warmup), "--threads", str(args.threads)]  # fmt: skip
     t0 = time.time()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
@@ -140,9 +155,16 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing (both sides)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in each side (0: torch's default)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per side (alternating); the median is kept")
     p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     args = p.parse_args()
     if args.side:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         result = side_plain(args) if args.side == "plain" else side_ours(args, args.side)
         print(json.dumps(result))
         return
@@ -155,11 +177,19 @@ def main() -> None:
         "batch_size": args.batch_size,
         "steps": args.steps,
         "num_workers": args.num_workers,
+        "repeats": args.repeats,
+        "warmup_steps": args.warmup,
+        "threads": args.threads or "default",
         "load_avg_start": round(os.getloadavg()[0], 2),
     }
-    for side in sides:
-        results[side] = run_side(side, args)
-        print(f"{side}: {json.dumps(results[side])}", file=sys.stderr)
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for _ in range(args.repeats):  # sides alternate, so a change of machine load hits them alike
+        for side in sides:
+            runs[side].append(run_side(side, args))
+            print(f"{side}: {json.dumps(runs[side][-1])}", file=sys.stderr)
+    for side, rs in runs.items():
+        rates = sorted(r["images_per_s"] for r in rs)
+        results[side] = {**rs[0], "images_per_s": statistics.median(rates), "runs_images_per_s": rates}
     base = results.get("plain", {}).get("images_per_s")
     ours = results.get("ours", {}).get("images_per_s")
     if base and ours:
