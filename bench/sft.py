@@ -2,6 +2,7 @@
 
     python bench/sft.py                       # all three sides, each in its own subprocess
     python bench/sft.py --steps 4 --eval-size 16   # a quick smoke run
+    python bench/sft.py --acceptance runs/smollm2-lora-alpaca   # the issue's acceptance checks on a run
 
 Every side trains SmolLM2-135M-Instruct (the cached fp32 folder converted from the packaged GGUF) with the
 same LoRA config (r16, alpha 32, dropout 0.05, all linear layers), the model's chat template,
@@ -47,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--data", default=str(DATA))
+    p.add_argument(
+        "--acceptance", metavar="RUN_DIR", help="check a finished LoRA run against the issue's bar"
+    )
     return p.parse_args(argv)
 
 
@@ -240,6 +244,67 @@ def run_ours(args: argparse.Namespace) -> dict:
     }
 
 
+def acceptance(run_dir: Path) -> dict:
+    """Held-out loss of base vs tuned (same eval pipeline), merged-export logits vs adapter, EOS from export."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.config import load_config
+    from tunelab.data.base import build_data
+    from tunelab.engine.trainer import Trainer
+    from tunelab.export import export_run
+    from tunelab.models import create_model, load_model_folder
+    from tunelab.models.llm import generate_text, load_tokenizer
+    from tunelab.run import build_task_from_config
+
+    cfg = load_config(run_dir / "config.yaml")
+    cfg.output.progress = False
+    data = build_data(cfg)
+    task = build_task_from_config(cfg, data)
+
+    def held_out(model) -> float:
+        trainer = Trainer(
+            model,
+            task,
+            data.train,
+            data.eval,
+            config=cfg,
+            collate_fn=data.collate_fn,
+            eval_lengths=data.eval_lengths,
+            output_dir=Path(tempfile.mkdtemp()),
+        )
+        return trainer.evaluate()["loss"]
+
+    base_loss = held_out(create_model(cfg.model.name, **cfg.model.kwargs))
+    tuned = load_model_folder(run_dir / "final").eval()
+    tuned_loss = held_out(tuned)
+    out = Path(tempfile.mkdtemp()) / "merged"
+    export_run(run_dir, output=out, merge=True)
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    batch = data.collate_fn([data.eval[i] for i in range(min(4, len(data.eval)))])
+    kw = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    kw["use_cache"] = False  # a KV cache would turn off HF's packed-sequence (block-diagonal) masking
+    with torch.no_grad():
+        diff = (merged(**kw).logits - tuned(**kw).logits).abs().max().item()
+    tok = load_tokenizer(str(out))
+    prompts = [
+        "Give three tips for staying healthy.",
+        "What is the capital of France?",
+        "Describe a rainbow.",
+    ]
+    replies = [generate_text(merged, tok, p, max_new_tokens=160) for p in prompts]
+    return {
+        "base_loss": round(base_loss, 4),
+        "tuned_loss": round(tuned_loss, 4),
+        "reduction": round(1 - tuned_loss / base_loss, 4),
+        "merge_max_abs_diff": diff,
+        "export_eos": [ended for _, ended in replies],
+        "replies": [text for text, _ in replies],
+    }
+
+
 def run_side(args: argparse.Namespace) -> None:
     import torch
 
@@ -253,6 +318,9 @@ def run_side(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.acceptance:
+        print(json.dumps(acceptance(Path(args.acceptance))))
+        return
     if args.side:
         run_side(args)
         return
