@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,8 +69,8 @@ print(json.dumps(out))
 """
 
 
-def _last_json(cmd: list[str]) -> dict:
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+def _last_json(cmd: list[str], env: dict | None = None) -> dict:
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-3000:])
         raise SystemExit(f"failed: {' '.join(cmd)}")
@@ -81,6 +82,13 @@ def main() -> int:
     p.add_argument("--only", action="append", choices=sorted(CASES))
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--out", default="/tmp/tunelab-plan-accuracy")
+    p.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=None,
+        help="measure with glibc MALLOC_MMAP_THRESHOLD_=N (bytes): freed large blocks go back to the "
+        "OS, so RSS follows live tensor memory instead of the heap's high-water mark",
+    )
     args = p.parse_args()
     rows = []
     for name in args.only or list(CASES):
@@ -90,8 +98,11 @@ def main() -> int:
             continue
         overrides = extra + COMMON + [f"train.max_steps={args.steps}", f"output.dir={args.out}/{name}"]
         plan = _last_json([sys.executable, "-m", "tunelab.cli", "plan", recipe, *overrides, "--json"])
-        measured = _last_json([sys.executable, "-c", MEASURE, recipe, *overrides])
-        predicted = (plan["total_bytes"] - plan["weights_bytes"]) / 2**20
+        env = dict(os.environ)
+        if args.mmap_threshold:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+        measured = _last_json([sys.executable, "-c", MEASURE, recipe, *overrides], env)
+        predicted = (plan["total_bytes"] - plan["weights_bytes"]) / 2**20  # the training-time growth
         row = {
             "case": name,
             "recipe": recipe,
@@ -106,6 +117,7 @@ def main() -> int:
             "predicted_growth_mb": round(predicted, 1),
             "measured_rss_growth_mb": round(measured["rss_growth_mb"], 1),
             "error_pct": round(100 * (predicted - measured["rss_growth_mb"]) / measured["rss_growth_mb"], 1),
+            "malloc_mmap_threshold": args.mmap_threshold,
         }
         if "gpu_peak_mb" in measured:
             row["predicted_total_mb"] = round(plan["total_bytes"] / 2**20, 1)

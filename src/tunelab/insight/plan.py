@@ -89,7 +89,7 @@ class Plan:
 
     @property
     def training_bytes(self) -> int:
-        """What training adds on top of the loaded model: what a CPU run's RSS growth measures."""
+        """What training adds on top of the loaded model (what a CPU run's RSS growth measures)."""
         return self.total_bytes - self.weights_bytes
 
 
@@ -258,6 +258,13 @@ def _linear_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
 # -- the plan ------------------------------------------------------------------------------------------
 
 
+def peak_bytes(weights: float, gradients: float, optimizer: float, activations: float, working: float) -> int:
+    """Peak of one training step. Gradients are freed after each step (zero_grad(set_to_none=True)) and
+    grow during backward while the saved activations are released, so the two do not add up: the peak is
+    at the start of backward (activations) or at its end (gradients), whichever is larger."""
+    return int(weights + optimizer + max(activations, gradients) + working)
+
+
 def make_plan(cfg: RunConfig, budget: int | None = None, log=print, time_device: bool = True) -> Plan:
     """Build the run on CPU, probe one example, and return the plan for the configured micro-batch."""
     import torch
@@ -300,7 +307,7 @@ def make_plan(cfg: RunConfig, budget: int | None = None, log=print, time_device:
     # The allocator and autograd need working space beyond what is saved: about one more copy of the largest
     # per-step tensor. A constant covers the runtime's first-backward buffers (thread pools, workspaces).
     overhead = int(pr.output_bytes * scale) + 64 * MiB
-    total_bytes = weights + grads + opt + activations + overhead
+    total_bytes = peak_bytes(weights, grads, opt, activations, overhead)
     flops = pr.flops * scale * accum
     here = target.type == "cpu" or (target.type == "cuda" and torch.cuda.is_available())
     dev_flops = device_matmul_flops(target) if time_device and here else None
@@ -353,12 +360,13 @@ def _device_memory(device: torch.device) -> int | None:
 def levers(plan: Plan, cfg: RunConfig, model: torch.nn.Module, pr: Probe, budget: int) -> list[Lever]:
     """What would fit the budget, each with its predicted peak and the override that applies it."""
     out: list[Lever] = []
-    fixed = plan.weights_bytes + plan.gradients_bytes + plan.optimizer_bytes + 64 * MiB
-    per_example = (plan.activations_bytes + plan.overhead_bytes - 64 * MiB) / plan.micro_batch
+    w, g, o = plan.weights_bytes, plan.gradients_bytes, plan.optimizer_bytes
+    act_per = plan.activations_bytes / plan.micro_batch
+    work_per = (plan.overhead_bytes - 64 * MiB) / plan.micro_batch
     effective = plan.micro_batch * plan.grad_accum
     # 1. smaller micro-batch, same effective batch through accumulation
     for m in sorted({d for d in range(1, plan.micro_batch) if effective % d == 0}, reverse=True):
-        total = int(fixed + per_example * m)
+        total = peak_bytes(w, g, o, act_per * m, work_per * m + 64 * MiB)
         if total <= budget:
             out.append(
                 Lever(
@@ -375,7 +383,7 @@ def levers(plan: Plan, cfg: RunConfig, model: torch.nn.Module, pr: Probe, budget
             Lever(
                 "smaller micro-batch",
                 "train.batch_size=1",
-                int(fixed + per_example),
+                peak_bytes(w, g, o, act_per, work_per + 64 * MiB),
                 False,
                 "even one example per micro-batch does not fit",
             )
@@ -388,14 +396,14 @@ def levers(plan: Plan, cfg: RunConfig, model: torch.nn.Module, pr: Probe, budget
         tokens = plan.micro_batch * (pr.seq_len or 1)
         bytes_per = 2 if plan.precision in ("torch.bfloat16", "torch.float16") else 4
         act = layers * tokens * hidden * bytes_per + plan.activations_bytes / layers
-        total = int(fixed + act + plan.overhead_bytes)
+        total = peak_bytes(w, g, o, act, plan.overhead_bytes)
         out.append(Lever("activation checkpointing", switch, total, total <= budget, "~30% more compute"))
     # 3. LoRA r=16 on every linear layer (when the run is not LoRA already)
     linears = _linear_shapes(model)
     if cfg.strategy.kwargs.get("name") != "lora" and linears:
         lora = sum(16 * (i + o) for i, o in linears) * 4
         opt_per = 2 if cfg.optim.name in ("adam", "adamw") else (1 if cfg.optim.momentum > 0 else 0)
-        total = int(plan.weights_bytes + lora * (2 + opt_per) + plan.activations_bytes + plan.overhead_bytes)
+        total = peak_bytes(w + lora, lora, lora * opt_per, plan.activations_bytes, plan.overhead_bytes)
         out.append(
             Lever(
                 "LoRA (r=16, all linear layers)",
@@ -409,7 +417,7 @@ def levers(plan: Plan, cfg: RunConfig, model: torch.nn.Module, pr: Probe, budget
         lin = sum(i * o for i, o in linears)
         lora = sum(16 * (i + o) for i, o in linears) * 4
         weights = plan.weights_bytes - lin * 4 + int(lin * 0.56)
-        total = int(weights + lora * 4 + plan.activations_bytes + plan.overhead_bytes)
+        total = peak_bytes(weights + lora, lora, 2 * lora, plan.activations_bytes, plan.overhead_bytes)
         out.append(
             Lever(
                 "QLoRA (4-bit base + LoRA r=16)",
@@ -420,10 +428,8 @@ def levers(plan: Plan, cfg: RunConfig, model: torch.nn.Module, pr: Probe, budget
             )
         )
     # 5. FSDP: shard weights, gradients and optimizer states across N GPUs
-    shardable = plan.weights_bytes + plan.gradients_bytes + plan.optimizer_bytes
-    rest = plan.activations_bytes + plan.overhead_bytes
     for n in (2, 4, 8, 16, 32, 64):
-        total = int(shardable / n + rest)
+        total = peak_bytes(w / n, g / n, o / n, plan.activations_bytes, plan.overhead_bytes)
         if total <= budget:
             out.append(
                 Lever(
@@ -452,7 +458,8 @@ def format_plan(plan: Plan) -> str:
         f"  optimizer states  {human_bytes(plan.optimizer_bytes):>12}",
         f"  activations       {human_bytes(plan.activations_bytes):>12}",
         f"  working space     {human_bytes(plan.overhead_bytes):>12}",
-        f"  total             {human_bytes(plan.total_bytes):>12}",
+        f"  peak              {human_bytes(plan.total_bytes):>12}   "
+        "(weights + optimizer + max(activations, gradients) + working space)",
         "",
         f"compute: {plan.flops_per_step / 1e9:,.1f} GFLOP per optimizer step",
     ]
