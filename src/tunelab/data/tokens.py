@@ -33,6 +33,7 @@ from tunelab.config import RunConfig
 from tunelab.data.base import DataBundle, register_data, validate_options
 from tunelab.engine.callbacks import Callback
 from tunelab.errors import ConfigError, DataError
+from tunelab.models.gpt_callbacks import FlopsCallback
 from tunelab.paths import resolve_path
 from tunelab.tokenizers import TextTokenizer, build_tokenizer, load_tokenizer, token_dtype
 
@@ -250,10 +251,6 @@ def build(cfg: RunConfig) -> DataBundle:
         if len(val) > eval_bs:
             val.n -= len(val) % eval_bs
 
-    callbacks: list[Any] = [TokenizerArtifact(tokenizer)]
-    from tunelab.models.gpt_callbacks import FlopsCallback
-
-    callbacks.append(FlopsCallback(tokens_per_sample=block_size))
     return DataBundle(
         train=train,
         eval=val,
@@ -268,5 +265,5 @@ def build(cfg: RunConfig) -> DataBundle:
             "train_windows": len(train),
             "cache": str(folder),
         },
-        callbacks=callbacks,
+        callbacks=[TokenizerArtifact(tokenizer), FlopsCallback(tokens_per_sample=block_size)],
     )
