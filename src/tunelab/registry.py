@@ -77,6 +77,7 @@ TASKS = Registry(
     "task",
     {
         "classification": "tunelab.tasks.classification",
+        "image_classification": "tunelab.data.images",
         "multilabel": "tunelab.tasks.classification",
         "regression": "tunelab.tasks.regression",
         "causal_lm": "tunelab.tasks.causal_lm",

@@ -52,12 +52,17 @@ def model_spec(cfg: RunConfig) -> dict[str, Any]:
 
 
 def build_task_from_config(cfg: RunConfig, data: DataBundle | None) -> Task:
+    import inspect
+
+    from tunelab.registry import TASKS
+
     kwargs = dict(cfg.task.kwargs)
     name = kwargs.pop("name")
-    if name == "classification":
-        if "num_classes" not in kwargs and data is not None and data.num_classes:
+    accepted = inspect.signature(TASKS.get(name).__init__).parameters
+    if data is not None:  # the data source knows the classes when the recipe does not say
+        if "num_classes" in accepted and "num_classes" not in kwargs and data.num_classes:
             kwargs["num_classes"] = data.num_classes
-        if "labels" not in kwargs and data is not None and data.label_names:
+        if "labels" in accepted and "labels" not in kwargs and data.label_names:
             kwargs["labels"] = data.label_names
     return build_task(name, loss=cfg.loss, **kwargs)
 
@@ -84,6 +89,7 @@ def build_run(cfg: RunConfig, log=print) -> BuiltRun:
         log(report.table())
     strategy = build_strategy(cfg)
     model, lr_scales = strategy.setup(model)
+    strategy.on_epoch_start(model, 0)  # what trains in the first epoch (reported before training)
     return BuiltRun(cfg, model, task, data, strategy, lr_scales, report)
 
 
