@@ -293,7 +293,7 @@ def acceptance(run_dir: Path) -> dict:
     prompts = [
         "Give three tips for staying healthy.",
         "What is the capital of France?",
-        "Describe a rainbow.",
+        "Name three primary colours.",
     ]
     replies = [generate_text(merged, tok, p, max_new_tokens=160) for p in prompts]
     return {
