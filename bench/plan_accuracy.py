@@ -1,7 +1,7 @@
 """Plan accuracy: `tunelab plan`'s predicted training memory against the measured peak.
 
 CPU: the growth of the process RSS during `Trainer.fit` (sampled every 2 ms) over the RSS just before it,
-with the model and data already loaded; the plan's comparable figure is its total minus the weights
+with the model and data already loaded and the optimizer module imported; the plan's comparable figure is its total minus the weights
 (gradients + optimizer states + activations + working space). GPU: torch.cuda.max_memory_allocated
 against the plan's total. Each side runs in its own subprocess; one JSON line per case, then a final one.
 
@@ -54,6 +54,9 @@ def sample():
     while not stop[0]:
         peak[0] = max(peak[0], rss())
         time.sleep(0.002)
+# Pay the one-time imports before the baseline: building the first torch.optim optimizer imports
+# torch._dynamo/sympy (~150 MB of Python modules on torch 2.14), which is not memory of the training step.
+torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
 base = rss()
 t = threading.Thread(target=sample, daemon=True)
 t.start()
