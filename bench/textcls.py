@@ -245,9 +245,14 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (GPU runs)")
     p.add_argument("--ours-overrides", nargs="*", default=[], help="extra key=value overrides for tunelab")
+    p.add_argument("--threads", type=int, default=None, help="torch threads on every side (default: torch's)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         fn = {
             "peer": lambda: side_peer(args, tuned=False),
             "peer_tuned": lambda: side_peer(args, tuned=True),
@@ -262,6 +267,7 @@ def main() -> None:
 
     argv = [f"--n={args.n}", f"--max-length={args.max_length}", f"--batch-size={args.batch_size}"]
     argv += [f"--device={args.device}"] + (["--bf16"] if args.bf16 else [])
+    argv += [f"--threads={args.threads}"] if args.threads else []
     if args.ours_overrides:
         argv += ["--ours-overrides", *args.ours_overrides]
     sides = args.sides.split(",")
