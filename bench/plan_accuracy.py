@@ -117,6 +117,7 @@ def main() -> int:
             "pred_optimizer_mb": round(plan["optimizer_bytes"] / 2**20, 1),
             "pred_activations_mb": round(plan["activations_bytes"] / 2**20, 1),
             "pred_working_mb": round(plan["overhead_bytes"] / 2**20, 1),
+            "pred_index_lists_mb": round(plan["data_index_bytes"] / 2**20, 1),
             "predicted_growth_mb": round(predicted, 1),
             "measured_rss_growth_mb": round(measured["rss_growth_mb"], 1),
             "error_pct": round(100 * (predicted - measured["rss_growth_mb"]) / measured["rss_growth_mb"], 1),

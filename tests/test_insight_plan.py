@@ -57,16 +57,16 @@ def test_plan_breakdown_for_the_digits_recipe():
 
 
 def test_small_budget_offers_levers_that_fit(capsys):
-    rc = main(["plan", "recipes/digits-cnn.yaml", "train.batch_size=512", "--budget", "66MB", "--json"])
+    rc = main(["plan", "recipes/digits-cnn.yaml", "train.batch_size=512", "--budget", "34MB", "--json"])
     assert rc == 0
     plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert plan["fits"] is False
     levers = {lv["name"]: lv for lv in plan["levers"]}
     micro = levers["smaller micro-batch"]
-    assert micro["fits"] and micro["total_bytes"] <= 66 * MiB
+    assert micro["fits"] and micro["total_bytes"] <= 34 * MiB
     m, a = (int(part.split("=")[1]) for part in micro["override"].split())
     assert m * a == 512 and m < 512  # same effective batch through accumulation
-    assert all(lv["fits"] == (lv["total_bytes"] <= 66 * MiB) for lv in plan["levers"])
+    assert all(lv["fits"] == (lv["total_bytes"] <= 34 * MiB) for lv in plan["levers"])
 
 
 def test_plan_text_output_for_a_gpt_with_checkpointing_lever(capsys, shared_data):

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 GiB = 2**30
 MiB = 2**20
+# What a first training step costs beyond its tensors on CPU (autograd, thread pools, kernel workspaces):
+# a digits CNN run grows its RSS by 24 MB with ~2 MB of tensors.
+RUNTIME_BYTES = 32 * MiB
 
 
 def parse_size(text: str) -> int:
@@ -75,6 +78,7 @@ class Plan:
     optimizer_bytes: int
     activations_bytes: int
     overhead_bytes: int
+    data_index_bytes: int
     total_bytes: int
     flops_per_step: float
     est_step_time_s: float | None
@@ -304,10 +308,14 @@ def make_plan(cfg: RunConfig, budget: int | None = None, log=print, time_device:
     if autocast == torch.float16:
         activations //= 2
         notes.append("fp16 activations estimated as half of the fp32 probe")
-    # The allocator and autograd need working space beyond what is saved: about one more copy of the largest
-    # per-step tensor. A constant covers the runtime's first-backward buffers (thread pools, workspaces).
-    overhead = int(pr.output_bytes * scale) + 64 * MiB
-    total_bytes = peak_bytes(weights, grads, opt, activations, overhead)
+    # Working space beyond what is saved: one more copy of the output (its gradient) and the runtime constant.
+    overhead = int(pr.output_bytes * scale) + RUNTIME_BYTES
+    # The trainer's batch sampler materialises each epoch's shuffled indices as Python lists: a 28-byte int
+    # and two 8-byte list slots per example, plus one list per batch (measured: ~120 MB for the 1M windows of
+    # tiny-shakespeare at batch size 1).
+    n_train = len(run.data.train) if run.data.train is not None else 0
+    index = int(n_train * (44 + 64 / micro))
+    total_bytes = peak_bytes(weights, grads, opt, activations, overhead) + index
     flops = pr.flops * scale * accum
     here = target.type == "cpu" or (target.type == "cuda" and torch.cuda.is_available())
     dev_flops = device_matmul_flops(target) if time_device and here else None
@@ -328,6 +336,7 @@ def make_plan(cfg: RunConfig, budget: int | None = None, log=print, time_device:
         optimizer_bytes=opt,
         activations_bytes=activations,
         overhead_bytes=overhead,
+        data_index_bytes=index,
         total_bytes=total_bytes,
         flops_per_step=flops,
         est_step_time_s=step_time,
@@ -360,13 +369,14 @@ def _device_memory(device: torch.device) -> int | None:
 def levers(plan: Plan, cfg: RunConfig, model: torch.nn.Module, pr: Probe, budget: int) -> list[Lever]:
     """What would fit the budget, each with its predicted peak and the override that applies it."""
     out: list[Lever] = []
+    budget -= plan.data_index_bytes  # the same with every lever; added back to the totals below
     w, g, o = plan.weights_bytes, plan.gradients_bytes, plan.optimizer_bytes
     act_per = plan.activations_bytes / plan.micro_batch
-    work_per = (plan.overhead_bytes - 64 * MiB) / plan.micro_batch
+    work_per = (plan.overhead_bytes - RUNTIME_BYTES) / plan.micro_batch
     effective = plan.micro_batch * plan.grad_accum
     # 1. smaller micro-batch, same effective batch through accumulation
     for m in sorted({d for d in range(1, plan.micro_batch) if effective % d == 0}, reverse=True):
-        total = peak_bytes(w, g, o, act_per * m, work_per * m + 64 * MiB)
+        total = peak_bytes(w, g, o, act_per * m, work_per * m + RUNTIME_BYTES)
         if total <= budget:
             out.append(
                 Lever(
@@ -383,7 +393,7 @@ def levers(plan: Plan, cfg: RunConfig, model: torch.nn.Module, pr: Probe, budget
             Lever(
                 "smaller micro-batch",
                 "train.batch_size=1",
-                peak_bytes(w, g, o, act_per, work_per + 64 * MiB),
+                peak_bytes(w, g, o, act_per, work_per + RUNTIME_BYTES),
                 False,
                 "even one example per micro-batch does not fit",
             )
@@ -441,6 +451,8 @@ def levers(plan: Plan, cfg: RunConfig, model: torch.nn.Module, pr: Probe, budget
                 )
             )
             break
+    for lv in out:
+        lv.total_bytes += plan.data_index_bytes
     return out
 
 
@@ -458,6 +470,7 @@ def format_plan(plan: Plan) -> str:
         f"  optimizer states  {human_bytes(plan.optimizer_bytes):>12}",
         f"  activations       {human_bytes(plan.activations_bytes):>12}",
         f"  working space     {human_bytes(plan.overhead_bytes):>12}",
+        f"  batch index lists {human_bytes(plan.data_index_bytes):>12}",
         f"  peak              {human_bytes(plan.total_bytes):>12}   "
         "(weights + optimizer + max(activations, gradients) + working space)",
         "",
