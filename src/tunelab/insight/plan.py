@@ -308,8 +308,9 @@ def make_plan(cfg: RunConfig, budget: int | None = None, log=print, time_device:
     if autocast == torch.float16:
         activations //= 2
         notes.append("fp16 activations estimated as half of the fp32 probe")
-    # Working space beyond what is saved: one more copy of the output (its gradient) and the runtime constant.
-    overhead = int(pr.output_bytes * scale) + RUNTIME_BYTES
+    # Working space beyond what is saved: at the start of backward the loss's gradient w.r.t. its log-softmax
+    # and w.r.t. the logits are both alive, each the size of the output; plus the runtime constant.
+    overhead = int(2 * pr.output_bytes * scale) + RUNTIME_BYTES
     # The trainer's batch sampler materialises each epoch's shuffled indices as Python lists: a 28-byte int
     # and two 8-byte list slots per example, plus one list per batch (measured: ~120 MB for the 1M windows of
     # tiny-shakespeare at batch size 1).
