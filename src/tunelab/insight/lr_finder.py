@@ -4,9 +4,9 @@ exponentially, smooth the loss, stop when it diverges, restore the model, and su
     tunelab lr-find recipes/digits-cnn.yaml        # writes lr_finder.png / lr_finder.json to output.dir
     optim: {lr: auto}                              # `tunelab train` runs the finder first
 
-The suggestion is the LR of steepest descent of the smoothed loss (before its minimum); the `valley`
-rule (fastai) and `min/10` (the LR at the minimum divided by ten) are computed as cross-checks and
-reported beside it. Heavy imports live inside functions: this module is imported to build the CLI.
+The suggestion is the LR of steepest descent of the smoothed loss (before its minimum), cross-checked
+against the `valley` rule (fastai) and `min/10` (the LR at the minimum divided by ten): when steepest lies
+more than 10x from either, min/10 is suggested instead (`--rule` picks one rule outright). Heavy imports live inside functions: this module is imported to build the CLI.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from tunelab.config import OptimSection, RunConfig
     from tunelab.tasks.base import Task
 
-RULES = ("steepest", "valley", "min_div10")
+RULES = ("checked", "steepest", "valley", "min_div10")
 
 
 @dataclass
@@ -122,7 +122,7 @@ def lr_range_test(
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     seed: int = 0,
-    rule: str = "steepest",
+    rule: str = "checked",
     optimizer: torch.optim.Optimizer | None = None,
 ) -> LRFinderResult:
     """Run the range test on `model` with a fresh optimizer built like training's (same parameter groups,
@@ -220,7 +220,16 @@ def lr_range_test(
     valley = valley_lr(lrs, smoothed)
     mind = min_div10_lr(lrs, smoothed)
     picks = {"steepest": steep, "valley": valley, "min_div10": mind}
-    suggestion = picks[rule] or valley or mind
+    if rule == "checked":
+        # steepest descent, cross-checked: when it lies more than 10x from valley or min/10, it is usually
+        # sitting on the divergence cliff (SST-2/AdamW: steepest 1.1e-3 trained to chance, min/10 to the
+        # best of the grid), so min/10 is taken instead
+        trial = LRFinderResult(
+            [], [], [], 0.0, rule, steep, valley, mind, diverged, start_lr, end_lr, num_steps
+        )
+        suggestion = steep if steep and trial.agree else (mind or valley)
+    else:
+        suggestion = picks[rule] or valley or mind
     return LRFinderResult(
         lrs,
         losses,
@@ -252,7 +261,7 @@ def find_lr(
     start_lr: float = 1e-7,
     end_lr: float = 10.0,
     num_steps: int = 100,
-    rule: str = "steepest",
+    rule: str = "checked",
     output_dir: str | Path | None = None,
     log=print,
 ) -> LRFinderResult:
@@ -319,7 +328,7 @@ def _describe(result: LRFinderResult) -> str:
     def f(v: float | None) -> str:
         return f"{v:.2e}" if v else "n/a"
 
-    note = "" if result.agree else " (the rules disagree by more than 10x: look at lr_finder.png)"
+    note = "" if result.agree else " (steepest is more than 10x from a cross-check: see lr_finder.png)"
     return (
         f"lr-find: suggested lr {result.suggestion:.2e} ({result.rule}); steepest {f(result.steepest)}, "
         f"valley {f(result.valley)}, min/10 {f(result.min_div10)}{note}"
@@ -393,6 +402,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--start-lr", type=float, default=1e-7)
     p.add_argument("--end-lr", type=float, default=10.0)
     p.add_argument("--steps", type=int, default=100, help="number of LR values tried (default 100)")
-    p.add_argument("--rule", choices=RULES, default="steepest", help="which rule gives the suggestion")
+    p.add_argument(
+        "--rule",
+        choices=RULES,
+        default="checked",
+        help="checked (default): steepest unless 10x from valley or min/10, then min/10",
+    )
     p.add_argument("--output", help="folder for lr_finder.png/json (default: the config's output.dir)")
     p.set_defaults(func=cmd_lr_find)
