@@ -28,18 +28,27 @@ def _random_labels(n: int, seed: int) -> TensorDataset:
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("es")
-    cfg = load_config({
-        "model": {"name": "linear"}, "data": {"name": "digits"},
-        "optim": {"name": "adam", "lr": 1e-2},
-        "train": {"max_steps": 300, "batch_size": 32, "log_every": 3},
-        "eval": {"every": 6, "monitor": "loss"},
-        "early_stopping": {"enabled": True, "patience": 3, "min_delta": 0.001},
-        "output": {"dir": str(out), "tensorboard": False, "progress": False},
-    })
+    cfg = load_config(
+        {
+            "model": {"name": "linear"},
+            "data": {"name": "digits"},
+            "optim": {"name": "adam", "lr": 1e-2},
+            "train": {"max_steps": 300, "batch_size": 32, "log_every": 3},
+            "eval": {"every": 6, "monitor": "loss"},
+            "early_stopping": {"enabled": True, "patience": 3, "min_delta": 0.001},
+            "output": {"dir": str(out), "tensorboard": False, "progress": False},
+        }
+    )
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 256), nn.ReLU(), nn.Linear(256, 4))
-    trainer = Trainer(model, ClassificationTask(num_classes=4), _random_labels(96, 0), _random_labels(96, 1),
-                      config=cfg, callbacks=[Doctor(echo=False), ReportWriter()])
+    trainer = Trainer(
+        model,
+        ClassificationTask(num_classes=4),
+        _random_labels(96, 0),
+        _random_labels(96, 1),
+        config=cfg,
+        callbacks=[Doctor(echo=False), ReportWriter()],
+    )
     summary = trainer.fit()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return out, summary, records

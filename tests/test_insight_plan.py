@@ -51,8 +51,12 @@ def test_plan_breakdown_for_the_digits_recipe():
     assert plan.weights_bytes >= 4 * n  # + BatchNorm statistics
     assert plan.activations_bytes > plan.weights_bytes  # 64 images through two 32/64-channel convs
     assert plan.flops_per_step > 0 and plan.fits and plan.levers == []
-    half = make_plan(load_config("recipes/digits-cnn.yaml", ["train.batch_size=32"]), 24 * 2**30,
-                     log=lambda m: None, time_device=False)
+    half = make_plan(
+        load_config("recipes/digits-cnn.yaml", ["train.batch_size=32"]),
+        24 * 2**30,
+        log=lambda m: None,
+        time_device=False,
+    )
     assert half.activations_bytes == pytest.approx(plan.activations_bytes / 2, rel=0.01)
 
 
@@ -70,12 +74,28 @@ def test_small_budget_offers_levers_that_fit(capsys):
 
 
 def test_plan_text_output_for_a_gpt_with_checkpointing_lever(capsys, shared_data):
-    rc = main(["plan", "recipes/gpt-shakespeare-char.yaml", f"data.path={shared_data}/tinyshakespeare/input.txt",
-               "train.batch_size=64", "--budget", "70MB"])
+    rc = main(
+        [
+            "plan",
+            "recipes/gpt-shakespeare-char.yaml",
+            f"data.path={shared_data}/tinyshakespeare/input.txt",
+            "train.batch_size=64",
+            "--budget",
+            "70MB",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
-    for part in ("weights", "gradients", "optimizer states", "activations", "GFLOP per optimizer step",
-                 "does NOT fit", "activation checkpointing", "model.activation_checkpointing=true"):
+    for part in (
+        "weights",
+        "gradients",
+        "optimizer states",
+        "activations",
+        "GFLOP per optimizer step",
+        "does NOT fit",
+        "activation checkpointing",
+        "model.activation_checkpointing=true",
+    ):
         assert part in text, part
 
 
