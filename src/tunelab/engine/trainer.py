@@ -167,6 +167,8 @@ class Trainer:
         self.monitor = self.eval_cfg.monitor
         self.monitor_mode = self.eval_cfg.mode or (task.monitor_mode(self.monitor) if self.monitor else "max")
         if es.enabled:
+            if eval_data is None:
+                raise ConfigError("`early_stopping.enabled` = true needs evaluation data (an eval split)")
             monitor = es.monitor or self.monitor or task.default_monitor
             mode = es.mode or task.monitor_mode(monitor)
             self.callbacks.append(EarlyStopping(monitor, mode, es.patience, es.min_delta, es.restore_best))
