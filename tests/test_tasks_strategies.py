@@ -1,7 +1,14 @@
 import torch
 import torch.nn as nn
 
-from tunelab.config import EarlyStoppingSection, EvalSection, LossSection, OptimSection, TrainSection, load_config
+from tunelab.config import (
+    EarlyStoppingSection,
+    EvalSection,
+    LossSection,
+    OptimSection,
+    TrainSection,
+    load_config,
+)
 from tunelab.data.base import TensorDataset
 from tunelab.engine import Trainer
 from tunelab.models import create_model

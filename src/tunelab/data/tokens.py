@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from tunelab.config import RunConfig
 from tunelab.data.base import DataBundle, register_data, validate_options
 from tunelab.engine.callbacks import Callback
+from tunelab.engine.checkpoint import sha256_file
 from tunelab.errors import ConfigError, DataError
 from tunelab.models.gpt_callbacks import FlopsCallback
 from tunelab.paths import resolve_path
@@ -100,14 +101,6 @@ def default_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "tunelab") / "tokens"
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_corpus(path: Path) -> str:
     if not path.is_file():
         raise DataError(f"`data.path` = {str(path)!r}: corpus file not found")
@@ -125,7 +118,7 @@ def prepare_tokens(opts: TokensOptions) -> Path:
         raise DataError(f"`data.path` = {opts.path!r}: corpus file not found")
     key_fields = {
         "v": CACHE_VERSION,
-        "corpus": _file_sha256(corpus),
+        "corpus": sha256_file(corpus),
         "tokenizer": opts.tokenizer
         if opts.tokenizer in ("char", "bpe")
         else str(resolve_path(opts.tokenizer)),

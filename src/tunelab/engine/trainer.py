@@ -431,9 +431,9 @@ class Trainer:
             return None
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
+        except ImportError as e:
             if want:
-                raise ConfigError("`output.tensorboard` = true needs tensorboard: pip install 'tunelab[tb]'")
+                raise ConfigError("`output.tensorboard` = true needs tensorboard: pip install 'tunelab[tb]'") from e
             return None
         return SummaryWriter(str(self.output_dir / "tb"))
 
