@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import TunelabError
+from tunelab.insight.plan import longest_example_batch
 
 if TYPE_CHECKING:
     from tunelab.config import RunConfig
@@ -62,20 +63,6 @@ def search_micro_batch(fits: Callable[[int], bool], effective: int) -> AutoBatch
     return AutoBatchResult(m, effective // m, effective, tried)
 
 
-def _repeat_batch(data: Any, collate_fn: Any, m: int) -> dict[str, Any]:
-    """m copies of the longest training example (worst case for memory)."""
-    from tunelab.data.base import collate_dicts
-
-    ds = data.train
-    index = 0
-    if data.train_lengths is not None and len(data.train_lengths):
-        lengths = list(data.train_lengths)
-        index = max(range(len(lengths)), key=lambda i: lengths[i])
-    fn = collate_fn or collate_dicts
-    getitems = getattr(ds, "__getitems__", None)
-    return fn(getitems([index] * m)) if getitems else fn([ds[index]] * m)
-
-
 def gpu_step_fits(cfg: RunConfig, run: Any, device: Any, headroom: float = 0.9) -> Callable[[int], bool]:
     """A `fits(m)` that runs one real training step at micro-batch m on the GPU."""
     import torch
@@ -95,7 +82,7 @@ def gpu_step_fits(cfg: RunConfig, run: Any, device: Any, headroom: float = 0.9) 
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             optimizer = build_optimizer(model, cfg.optim, run.lr_scales, device)
-            batch = to_device(_repeat_batch(run.data, run.data.collate_fn, m), device)
+            batch = to_device(longest_example_batch(run.data, run.data.collate_fn, m), device)
             model.train()
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 out = run.task.forward(model, batch)

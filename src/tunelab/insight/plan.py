@@ -204,8 +204,8 @@ def device_matmul_flops(device: torch.device, size: int = 1024, reps: int = 3) -
     return 2 * size**3 * reps / max(time.perf_counter() - t0, 1e-9)
 
 
-def _probe_batch(data: Any, collate_fn: Any) -> dict[str, Any]:
-    """A batch of one example: the longest of the training set (worst case for memory)."""
+def longest_example_batch(data: Any, collate_fn: Any, m: int = 1) -> dict[str, Any]:
+    """A batch of `m` copies of the longest training example (worst case for memory)."""
     from tunelab.data.base import collate_dicts
 
     ds = data.train
@@ -215,7 +215,7 @@ def _probe_batch(data: Any, collate_fn: Any) -> dict[str, Any]:
         index = max(range(len(lengths)), key=lambda i: lengths[i])
     fn = collate_fn or collate_dicts
     getitems = getattr(ds, "__getitems__", None)
-    return fn(getitems([index])) if getitems else fn([ds[index]])
+    return fn(getitems([index] * m)) if getitems else fn([ds[index]] * m)
 
 
 def _layers_hidden(model: torch.nn.Module) -> tuple[int, int] | None:
@@ -299,7 +299,7 @@ def make_plan(cfg: RunConfig, budget: int | None = None, log=print, time_device:
     autocast = resolve_precision(cfg.train.precision, target)
     cpu = torch.device("cpu")
     probe_autocast = autocast if autocast == torch.bfloat16 else None  # CPU autocast: bf16 only
-    batch = _probe_batch(run.data, run.data.collate_fn)
+    batch = longest_example_batch(run.data, run.data.collate_fn)
     pr = probe_step(model, run.task, batch, probe_autocast, cpu)
     micro, accum = cfg.train.batch_size, cfg.train.grad_accum
     scale = micro / max(pr.batch, 1)
