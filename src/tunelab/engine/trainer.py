@@ -384,7 +384,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return loss_sum, all_reduce_sum(torch.stack(counts).sum().float())
+        return loss_sum, total
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         cfg = self.train_cfg
