@@ -1,7 +1,8 @@
 """Plan accuracy: `tunelab plan`'s predicted training memory against the measured peak.
 
 CPU: the growth of the process RSS during `Trainer.fit` (sampled every 2 ms) over the RSS just before it,
-with the model and data already loaded and the optimizer module imported; the plan's comparable figure is its total minus the weights
+with the model and data already loaded, every weight page read (safetensors weights may be memory-mapped
+and become resident only when first read) and the optimizer module imported; the plan's comparable figure is its total minus the weights
 (gradients + optimizer states + activations + working space). GPU: torch.cuda.max_memory_allocated
 against the plan's total. Each side runs in its own subprocess; one JSON line per case, then a final one.
 
@@ -57,6 +58,11 @@ def sample():
 # Pay the one-time imports before the baseline: building the first torch.optim optimizer imports
 # torch._dynamo/sympy (~150 MB of Python modules on torch 2.14), which is not memory of the training step.
 torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
+# Weights loaded from safetensors can stay memory-mapped, their pages resident only once read: read every
+# one now, so that the growth below is training memory, not the weights the plan counts apart.
+with torch.no_grad():
+    for t in list(run.model.parameters()) + list(run.model.buffers()):
+        t.sum()
 base = rss()
 t = threading.Thread(target=sample, daemon=True)
 t.start()

@@ -14,7 +14,8 @@ defaults (packing on, no checkpointing).
 
 Measured per side: `tokens_per_s` = non-padding tokens fed to the model / wall time from the first to the
 last training step (model loading, tokenisation and evaluation excluded); `peak_rss_mb` = the process's
-peak resident memory; `eval_loss` = mean per-token loss on the same held-out responses, computed by the same
+peak resident memory up to the end of training (model loading included; the shared held-out evaluation
+after it, which materialises full logits the same way for every side, is reported apart); `eval_loss` = mean per-token loss on the same held-out responses, computed by the same
 code for every side after training. Prints one JSON line per side (stderr) and one final JSON line.
 """
 
@@ -48,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--data", default=str(DATA))
+    p.add_argument(
+        "--ours-checkpointing", choices=["default", "false", "true", "selective"], default="default",
+        help="tunelab's model.gradient_checkpointing (default: tunelab's own default)",
+    )
     p.add_argument(
         "--acceptance", metavar="RUN_DIR", help="check a finished LoRA run against the issue's bar"
     )
@@ -83,6 +88,7 @@ def measured(tokens: int, timer: dict[str, float], loss: float) -> dict:
         "train_s": seconds,
         "cpu_s": cpu,
         "tokens": tokens,
+        "peak_rss_mb": timer["peak_rss_mb"],  # the high-water mark at the end of training
     }
 
 
@@ -157,6 +163,7 @@ def run_trl(args: argparse.Namespace, tuned: bool) -> dict:
 
         def on_train_end(self, *a, **k):
             timer["end"], timer["cpu_end"] = time.perf_counter(), time.process_time()
+            timer["peak_rss_mb"] = peak_rss_mb()
 
     trainer = SFTTrainer(
         model=model,
@@ -185,6 +192,8 @@ def run_ours(args: argparse.Namespace) -> dict:
     from tunelab.run import build_run, make_trainer
 
     train_recs, eval_recs = split_records(args)
+    gc = {"false": False, "true": True, "selective": "selective"}.get(args.ours_checkpointing)
+    checkpointing = {} if gc is None else {"gradient_checkpointing": gc}
     tmp = Path(f"/tmp/bench-sft-ours-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     data_file = tmp / "train.json"
@@ -192,7 +201,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     cfg = load_config(
         {
             "name": "bench-sft",
-            "model": {"name": "hf_causal_lm", "path": GGUF},
+            "model": {"name": "hf_causal_lm", "path": GGUF, **checkpointing},
             "data": {
                 "name": "instruct",
                 "path": str(data_file),
@@ -238,6 +247,7 @@ def run_ours(args: argparse.Namespace) -> dict:
 
         def on_train_end(self, trainer):
             timer["end"], timer["cpu_end"] = time.perf_counter(), time.process_time()
+            timer["peak_rss_mb"] = peak_rss_mb()
 
     trainer = make_trainer(run, [Timer()])
     trainer.fit()
@@ -313,7 +323,7 @@ def run_side(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = run_ours(args) if args.side == "ours" else run_trl(args, tuned=args.side == "peer_tuned")
-    out["peak_rss_mb"] = peak_rss_mb()
+    out["peak_rss_mb_incl_eval"] = peak_rss_mb()
     print(json.dumps({"side": args.side, **out}), flush=True)
 
 
@@ -327,7 +337,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     results: dict[str, dict] = {}
     cpu_rate: dict[str, float] = {}
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--sides")]
+    raw = list(argv if argv is not None else sys.argv[1:])
+    passthrough = []  # the command line minus --sides (as `--sides X` or `--sides=X`)
+    while raw:
+        a = raw.pop(0)
+        if a == "--sides":
+            raw.pop(0)
+        elif not a.startswith("--sides="):
+            passthrough.append(a)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for side in args.sides.split(","):
         proc = subprocess.run(
@@ -358,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         final["cpu_speedup"] = {k: round(cpu_rate["ours"] / v, 3) for k, v in cpu_rate.items() if k != "ours"}
     final["config"] = {
         k: getattr(args, k)
-        for k in ("steps", "batch_size", "grad_accum", "max_length", "lr", "eval_size", "seed")
+        for k in ("steps", "batch_size", "grad_accum", "max_length", "lr", "eval_size", "seed", "ours_checkpointing")
     }
     print(json.dumps(final))
 

@@ -9,9 +9,11 @@ Same model (torchvision resnet18, random weights, 2-class head, full fine-tuning
 hymenoptera train folder, ImageFolder layout), same transforms (RandomResizedCrop + horizontal flip +
 normalise, decoded with PIL in DataLoader workers), same batch size, SGD lr 0.001 momentum 0.9, fp32, same
 seed. Each side runs in its own subprocess. Throughput is training images per second over the training
-steps after the first `--warmup` (2) ones, each step timed from asking for the batch to the end of the
-optimizer step (model building, evaluation and reports excluded on both sides; tunelab's per-step times
-come from its metrics.jsonl with log_every=1). Variants: `ours_channels_last` (model channels_last=true)
+steps after the first `--warmup` (8) ones, each step timed from asking for the batch to the end of the
+optimizer step (model building, evaluation and reports excluded on both sides). tunelab runs with
+`train.log_every` = `--warmup`, so its metrics.jsonl windows line up with the plain loop's per-step times:
+the first window is the warm-up, and the grad norm and the log line are paid once per window, as with
+any logging interval (the default is 10). Variants: `ours_channels_last` (model channels_last=true)
 and `ours_compile` (train.compile=true; the first compile is in the warm-up steps, the recompile for the
 last, smaller batch of an epoch is counted). The last line printed is one JSON object with every side's figures and the ratios.
 """
@@ -85,10 +87,10 @@ def side_plain(args: argparse.Namespace) -> dict:
 
 
 def rate(steps: list[tuple[int, float]], warmup: int) -> dict:
-    """Images per second over the steps after the first `warmup` ones."""
+    """Images per second over the (images, seconds) entries after the first `warmup` ones."""
     kept = steps[warmup:]
     images, seconds = sum(n for n, _ in kept), sum(t for _, t in kept)
-    return {"images_per_s": images / seconds, "timed_steps": len(kept), "train_s": round(seconds, 2)}
+    return {"images_per_s": images / seconds, "timed_images": images, "train_s": round(seconds, 2)}
 
 
 def side_ours(args: argparse.Namespace, variant: str) -> dict:
@@ -111,7 +113,7 @@ def side_ours(args: argparse.Namespace, variant: str) -> dict:
                 "optim": {"name": "sgd", "lr": 0.001, "momentum": 0.9, "no_decay": []},
                 "train": {"max_steps": args.steps, "batch_size": args.batch_size, "num_workers": args.num_workers,
                           "seed": args.seed, "precision": "fp32", "device": args.device,
-                          "compile": variant == "ours_compile", "log_every": 1},
+                          "compile": variant == "ours_compile", "log_every": args.warmup},
                 "output": {"dir": str(Path(tmp) / "run"), "progress": False, "tensorboard": False},
                 "report": {"enabled": False},
                 "doctor": {"enabled": False},
@@ -120,13 +122,13 @@ def side_ours(args: argparse.Namespace, variant: str) -> dict:
         run = build_run(cfg, log=lambda *_: None)
         make_trainer(run).fit()
         events = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-    # log_every=1: each `train` event is one step, timed from asking for the batch to the optimizer step
-    steps = [
-        (round(e["samples_per_s"] * e["step_time_s"]), e["step_time_s"])
-        for e in events
-        if e["event"] == "train"
-    ]
-    return rate(steps, args.warmup)
+    # one `train` event per window of log_every (= warmup) steps: step_time_s is the window's mean step time
+    windows, prev = [], 0
+    for e in (e for e in events if e["event"] == "train"):
+        seconds = e["step_time_s"] * (e["step"] - prev)
+        windows.append((round(e["samples_per_s"] * seconds), seconds))
+        prev = e["step"]
+    return rate(windows, 1)  # the first window is the warm-up
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -154,7 +156,8 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing (both sides)")
+    p.add_argument("--warmup", type=int, default=8, help="first steps left out of the timing (both sides); "
+                   "also tunelab's log_every")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each side (0: torch's default)")
     p.add_argument("--repeats", type=int, default=1, help="runs per side (alternating); the median is kept")
     p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")

@@ -119,3 +119,19 @@ def test_auto_batch_needs_a_gpu():
         pytest.skip("this machine has a GPU: the CPU error path does not apply")
     with pytest.raises(TunelabError, match="searches GPU memory"):
         find_micro_batch_for_config(load_config("recipes/digits-cnn.yaml"), log=lambda m: None)
+
+
+def test_train_auto_batch_key_keeps_the_recipe_batch_off_gpu_and_records_it(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the search itself runs there")
+    from tunelab.run import train
+
+    cfg = load_config("recipes/digits-cnn.yaml", ["train.auto_batch=true", "train.max_steps=2", "train.epochs=null",
+                                                  f"output.dir={tmp_path / 'run'}", "report.enabled=false",
+                                                  "output.progress=false"])  # fmt: skip
+    logs: list[str] = []
+    summary = train(cfg, log=logs.append)
+    assert summary["global_step"] == 2
+    assert any("auto batch" in m and "micro-batch 32" in m for m in logs)
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved.train.auto_batch is False and saved.train.batch_size == 32

@@ -138,3 +138,104 @@ def test_adapter_folder_round_trip_and_merged_export_match_logits(lora_model, ba
 
     bf16 = export_run(tmp_path / "run", dtype="bf16", output=tmp_path / "bf16")
     assert {t.dtype for t in load_file(bf16 / "adapter_model.safetensors").values()} == {torch.bfloat16}
+
+
+def _tiny_llama_with_lora(dropout: float = 0.0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True, attn_implementation="sdpa")  # fmt: skip
+    model, _ = LoRA(r=4, alpha=8, dropout=dropout, target_modules="all-linear").setup(LlamaForCausalLM(config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def _sft_batch():
+    torch.manual_seed(1)
+    ids = torch.randint(0, 300, (2, 24))
+    labels = ids.roll(-1, dims=1)
+    labels[:, :10] = -100  # the prompt carries no loss
+    labels[1, 20:] = -100  # nor the padding
+    return {"input_ids": ids, "labels": labels, "attention_mask": (labels != -100) | (torch.arange(24) < 20)}
+
+
+def _loss_and_grads(model, task, batch):
+    model.zero_grad(set_to_none=True)
+    out = task.forward(model, batch)
+    loss = task.loss_sum(out, batch)
+    loss.backward()
+    return out, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_target_only_logits_give_the_same_loss_and_gradients():
+    from tunelab.tasks.causal_lm import CausalLMTask
+
+    model, batch = _tiny_llama_with_lora().train(), _sft_batch()
+    out_full, loss_full, g_full = _loss_and_grads(model, CausalLMTask(target_logits=False), batch)
+    out_tgt, loss_tgt, g_tgt = _loss_and_grads(model, CausalLMTask(), batch)
+    n_targets = int((batch["labels"] != -100).sum())
+    assert out_full.shape == (2, 24, 300) and out_tgt.shape == (n_targets, 300)
+    torch.testing.assert_close(loss_tgt, loss_full, rtol=1e-5, atol=1e-5)
+    assert g_full.keys() == g_tgt.keys() and g_full
+    for name in g_full:
+        torch.testing.assert_close(g_tgt[name], g_full[name], rtol=1e-4, atol=1e-6)
+    assert model(input_ids=batch["input_ids"]).logits.shape == (2, 24, 300)  # the hook is off outside the task
+
+
+@pytest.mark.parametrize("mode", [True, "selective"])
+def test_activation_checkpointing_modes_keep_loss_and_gradients(mode):
+    from tunelab.models.checkpointing import selective_checkpoint_kwargs
+    from tunelab.tasks.causal_lm import CausalLMTask
+
+    task, batch = CausalLMTask(), _sft_batch()
+    model = _tiny_llama_with_lora(dropout=0.1).train()
+    torch.manual_seed(2)
+    _, loss_ref, g_ref = _loss_and_grads(model, task, batch)
+    kwargs = selective_checkpoint_kwargs(min_inner=32) if mode == "selective" else {"use_reentrant": False}
+    model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    torch.manual_seed(2)  # the same dropout masks: checkpointing replays the RNG in the recompute
+    _, loss, grads = _loss_and_grads(model, task, batch)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    for name in g_ref:
+        torch.testing.assert_close(grads[name], g_ref[name], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        _check_gc_value("sometimes")
+
+
+def _check_gc_value(value):
+    """hf_causal_lm's check of `gradient_checkpointing`, on a stand-in model (no weights loaded)."""
+    from tunelab.models import llm
+
+    class _Fake(torch.nn.Module):
+        config = type("C", (), {"use_cache": True})()
+
+    orig = llm._from_pretrained
+    llm._from_pretrained = lambda *a, **k: _Fake()
+    try:
+        llm.hf_causal_lm("unused", gradient_checkpointing=value)
+    finally:
+        llm._from_pretrained = orig
+
+
+def test_merge_rounds_once_in_float64():
+    from tunelab.export import merge_lora
+
+    model = _tiny_llama_with_lora().eval()
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    w = layer.base_layer.weight.detach().double()
+    a, b = layer.lora_A["default"].weight.detach().double(), layer.lora_B["default"].weight.detach().double()
+    want = (w + b @ a * layer.scaling["default"]).float()
+    ids = _sft_batch()["input_ids"]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        merged = merge_lora(model)
+        after = merged(input_ids=ids).logits
+    assert torch.equal(merged.model.layers[0].self_attn.q_proj.weight, want)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    assert (after - before).abs().max().item() < 1e-5

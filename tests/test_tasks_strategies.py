@@ -105,3 +105,39 @@ def test_gradual_unfreeze_and_llrd():
     assert counts == sorted(counts) and counts[0] == 2 and counts[-1] == len(list(model.parameters()))
     _, scales = build_strategy(load_config({**base, "strategy": {"name": "layerwise_lr", "lr_decay": 0.5}})).setup(model)
     assert sorted(set(scales.values())) == [0.25, 0.5, 1.0]
+
+
+def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tunelab.run import train
+
+    def config(out):
+        return load_config({
+            "name": "lora-digits", "model": {"name": "cnn", "num_classes": 10, "width": 8},
+            "data": {"name": "digits", "val_fraction": 0.2}, "task": {"name": "classification"},
+            "strategy": {"name": "lora", "r": 2, "dropout": 0.1, "target_modules": ["fc"]},
+            "optim": {"name": "adamw", "lr": 1e-2},
+            "train": {"max_steps": 6, "batch_size": 32, "checkpoint_every": 3, "log_every": 1},
+            "eval": {"every": 3},
+            "output": {"dir": str(out), "progress": False, "tensorboard": False},
+            "doctor": {"enabled": False}, "report": {"enabled": False},
+        })  # fmt: skip
+
+    full = tmp_path / "full"
+    s_full = train(config(full))
+    saved = load_file(str(full / "checkpoints" / "step-3" / "model.safetensors"))
+    # adapters and BatchNorm buffers; the frozen conv/linear base weights are not in the checkpoint
+    assert any("lora_" in k for k in saved) and all("lora_" in k or "running_" in k or "batches" in k for k in saved)
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "step-6")
+    shutil.rmtree(part / "final")
+    s_part = train(config(part), resume=True)
+    assert s_part["global_step"] == 6
+    assert s_part["metrics"]["loss"] == s_full["metrics"]["loss"]
+    a = load_file(str(full / "checkpoints" / "step-6" / "model.safetensors"))
+    b = load_file(str(part / "checkpoints" / "step-6" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

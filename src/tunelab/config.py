@@ -98,6 +98,9 @@ class TrainSection(Section):
     max_steps: int | None = Field(None, gt=0)
     batch_size: int = Field(32, gt=0)
     grad_accum: int = Field(1, gt=0)
+    # On a GPU: the largest micro-batch that fits (a divisor of batch_size x grad_accum), with accumulation
+    # keeping the effective batch. The resolved sizes are what config.yaml records. No-op on CPU.
+    auto_batch: bool = False
     clip_grad_norm: float | None = Field(None, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False

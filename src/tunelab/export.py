@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from tunelab.errors import ConfigError, TunelabError
 
@@ -56,6 +57,32 @@ def _cast_adapter(path: Path, dtype: str) -> None:
 
     tensors = {k: v.to(DTYPES[dtype]) for k, v in load_file(str(path)).items()}
     save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def merge_lora(model: Any) -> Any:
+    """peft's `merge_and_unload`, rounded once: W + scale * B @ A is computed in float64 and cast to W's
+    dtype (peft rounds the delta to W's dtype first, then the sum). Other adapter kinds use peft's merge."""
+    import torch
+    from peft.tuners.lora import Linear as LoraLinear
+
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, LoraLinear):
+                continue
+            base = module.get_base_layer()
+            for name in module.active_adapters:
+                if name not in module.lora_A:
+                    continue
+                if getattr(module, "lora_variant", {}).get(name) is not None or module.use_dora.get(name):
+                    module.merge(adapter_names=[name])
+                    continue
+                module.lora_A[name].double()
+                module.lora_B[name].double()
+                delta = module.get_delta_weight(name).double()
+                base.weight.data = (base.weight.data.double() + delta).to(base.weight.dtype)
+                if module.lora_bias.get(name, False) and base.bias is not None:
+                    base.bias.data += module.lora_B[name].bias.to(base.bias.dtype)
+    return model.unload()
 
 
 def export_run(
@@ -99,7 +126,7 @@ def export_run(
             kwargs = {**spec.get("kwargs", {}), "dtype": "fp32", "quantize": None}
             model = load_causal_lm(folder, {**spec, "kwargs": kwargs})
             if is_adapter:
-                model = model.merge_and_unload()
+                model = merge_lora(model)
             target = dtype or spec.get("kwargs", {}).get("dtype", "fp32")
             model = model.to(DTYPES[target])
             model.config.use_cache = True

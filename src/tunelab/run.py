@@ -141,7 +141,28 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
         from tunelab.insight.lr_finder import resolve_auto_lr
 
         cfg = resolve_auto_lr(cfg, log=log)
+    if cfg.train.auto_batch and not resume:
+        cfg = _auto_batch(cfg, log)
     return fit_run(build_run(cfg, log=log), resume=resume, log=log)
+
+
+def _auto_batch(cfg: RunConfig, log) -> RunConfig:
+    """`train.auto_batch: true`: search the micro-batch on the GPU; on other devices keep the recipe's."""
+    import torch
+
+    from tunelab.engine.trainer import pick_device
+
+    device = pick_device(cfg.train.device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        from tunelab.insight.autobatch import resolve_auto_batch
+
+        new = resolve_auto_batch(cfg, log=log)
+    else:
+        log(f"auto batch: searches GPU memory; on {device} the recipe's micro-batch "
+            f"{cfg.train.batch_size} x accumulation {cfg.train.grad_accum} is kept")
+        new = cfg.model_copy(deep=True)
+    new.train.auto_batch = False  # config.yaml records the resolved sizes; a resume reuses them
+    return new
 
 
 def fit_run(run: BuiltRun, resume: bool = False, log=print) -> dict[str, Any]:

@@ -286,12 +286,17 @@ class Trainer:
             "best": json.dumps(self.best),
             "window": self._window,
             "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "trainable_only": self._trainable_only,
         }
+
+    def _frozen_params(self) -> set[str]:
+        return {n for n, p in self.raw_model.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
     def save_checkpoint(self) -> Path | None:
         if self._ckpt is None or not self.is_main:
             return None
-        state = {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()}
+        frozen = self._frozen_params() if self._trainable_only else set()
+        state = {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items() if k not in frozen}
         path = self._ckpt.save(
             self.global_step,
             {
@@ -305,9 +310,19 @@ class Trainer:
 
     def _resume_from(self, path: Path) -> None:
         verify_folder(path)
-        self.raw_model.load_state_dict(load_state_dict_file(path / "model.safetensors"))
-        self.optimizer.load_state_dict(torch_load(path / "optimizer.pt"))
         state = torch_load(path / "trainer_state.pt")
+        weights = load_state_dict_file(path / "model.safetensors")
+        if state.get("trainable_only"):
+            # Frozen base weights were not saved: they come from the pretrained source the run was rebuilt
+            # from. Everything else must be there, and nothing unknown.
+            missing, unexpected = self.raw_model.load_state_dict(weights, strict=False)
+            bad = sorted(set(missing) - self._frozen_params()) + sorted(unexpected)
+            if bad:
+                raise TunelabError(f"{path}: the checkpoint does not fit this model (e.g. {bad[0]!r}); was the "
+                                   f"run's model or strategy changed since it was saved?")
+        else:
+            self.raw_model.load_state_dict(weights)
+        self.optimizer.load_state_dict(torch_load(path / "optimizer.pt"))
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -404,6 +419,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.schedule_cfg, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
         self._ckpt = CheckpointManager(self.output_dir / "checkpoints", cfg.keep_last)
+        # LoRA-style strategies: checkpoints hold the trainable weights (and buffers), not the frozen base.
+        self._trainable_only = bool(getattr(self.strategy, "checkpoint_trainable_only", False))
         self._grad_norm = torch.zeros(())
         self._window = {"loss": 0.0, "targets": 0.0, "samples": 0, "tokens": 0, "time": 0.0, "data": 0.0, "steps": 0}
         if resume:

@@ -245,7 +245,8 @@ def _checkpointing_switch(cfg: RunConfig) -> str | None:
             else "model.activation_checkpointing=true"
         )
     if name in ("hf_causal_lm",):
-        return None if cfg.model.kwargs.get("gradient_checkpointing") else "model.gradient_checkpointing=true"
+        on = cfg.model.kwargs.get("gradient_checkpointing", True)  # the hf_causal_lm default
+        return None if on is True else "model.gradient_checkpointing=true"
     return None
 
 

@@ -17,15 +17,17 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.models import MODEL_JSON, register_model
+from tunelab.models.checkpointing import selective_checkpoint_kwargs
 from tunelab.paths import resolve_path
 from tunelab.registry import GENERATORS
 
@@ -162,7 +164,7 @@ def _from_pretrained(
 def hf_causal_lm(
     path: str,
     dtype: str = "fp32",
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | Literal["selective"] = True,
     attn_implementation: str = "sdpa",
     quantize: str | None = None,
 ) -> nn.Module:
@@ -171,12 +173,22 @@ def hf_causal_lm(
     `dtype` is the storage dtype of the weights (fp32 on CPU; bf16 halves memory on GPUs). The KV cache
     is off for training (a cache also disables packed-sequence masking); generation turns it back on.
     `quantize: 4bit` loads the base in NF4 for QLoRA (CUDA + bitsandbytes only).
+    `gradient_checkpointing` (training only): true (the default, as in TRL: each decoder layer keeps only
+    its input and is recomputed in backward), `selective` (keeps matmul and attention outputs, recomputes
+    the cheap elementwise rest: ~+10% time instead of ~+30%, about 1.3x the memory of true) or false.
     """
     model = _from_pretrained(resolve_model_path(path), dtype, attn_implementation, quantize)
     model.config.use_cache = False
     if gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen embeddings (LoRA) without input-grad hooks.
-        kwargs = {"use_reentrant": False}
+        # `selective` keeps matmul/attention outputs and recomputes the elementwise rest (see checkpointing.py).
+        if gradient_checkpointing not in (True, "selective"):
+            raise ConfigError(
+                f"model.gradient_checkpointing = {gradient_checkpointing!r} is invalid; use true, false or selective"
+            )
+        kwargs = selective_checkpoint_kwargs() if gradient_checkpointing == "selective" else {"use_reentrant": False}
+        # peft still asks for the old property name on every forward; one known deprecation, not the user's
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:

@@ -30,6 +30,7 @@ class LoRA(Strategy):
     """Low-rank adapters on the named modules; everything else frozen."""
 
     name = "lora"
+    checkpoint_trainable_only = True  # checkpoints hold the adapters; the base is rebuilt on resume
 
     def __init__(
         self,
