@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default="char")
     p.add_argument("--vocab-size", type=int, default=None, help="bpe only")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="train.seed: model init and batch order")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--corpus", default=str(REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"))
@@ -72,6 +73,7 @@ def overrides(args: argparse.Namespace, out: Path) -> list[str]:
         f"data.tokenizer={args.tokenizer}",
         f"data.cache_dir={args.cache_dir}",
         f"train.max_steps={args.steps}",
+        f"train.seed={args.seed}",
         f"train.batch_size={args.batch_size}",
         f"train.compile={not args.no_compile}",
         f"train.device={args.device}",
@@ -243,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         final["ratio_vs_nanogpt_published_eager"] = ours / NANOGPT_EAGER_TOKENS_PER_S
     final["config"] = {"size": args.size, "steps": args.steps, "batch_size": args.batch_size,
                        "block_size": args.block_size, "device": args.device, "precision": args.precision,
-                       "compile": not args.no_compile, "repeats": args.repeats, "load_avg_1m": os.getloadavg()[0]}  # fmt: skip
+                       "compile": not args.no_compile, "repeats": args.repeats, "seed": args.seed, "load_avg_1m": os.getloadavg()[0]}  # fmt: skip
     print(json.dumps(final))
 
 

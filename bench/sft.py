@@ -298,7 +298,12 @@ def acceptance(run_dir: Path) -> dict:
     kw = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     kw["use_cache"] = False  # a KV cache would turn off HF's packed-sequence (block-diagonal) masking
     with torch.no_grad():
-        diff = (merged(**kw).logits - tuned(**kw).logits).abs().max().item()
+        want = tuned(**kw).logits
+        diff = (merged(**kw).logits - want).abs().max().item()
+        # fp32's own noise on these rows: the same adapter model, one row at a time instead of batched
+        rows = [tuned(**{k: v[i : i + 1] for k, v in kw.items() if k != "use_cache"}, use_cache=False).logits
+                for i in range(len(batch["input_ids"]))]  # fmt: skip
+        floor = (torch.cat(rows) - want).abs().max().item()
     tok = load_tokenizer(str(out))
     prompts = [
         "Give three tips for staying healthy.",
@@ -311,6 +316,8 @@ def acceptance(run_dir: Path) -> dict:
         "tuned_loss": round(tuned_loss, 4),
         "reduction": round(1 - tuned_loss / base_loss, 4),
         "merge_max_abs_diff": diff,
+        "merge_logits_compared": int(want.numel()),
+        "fp32_noise_floor": floor,  # adapter model batched vs row by row
         "export_eos": [ended for _, ended in replies],
         "replies": [text for text, _ in replies],
     }

@@ -260,6 +260,71 @@ def _linear_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
     ]
 
 
+def _checkpointed_extra(model: torch.nn.Module, task: Any, batch: dict[str, Any], autocast: Any, pr: Probe) -> int:
+    """What a checkpointed model holds that the saved-tensor probe cannot see: each checkpointed layer's
+    input (kept by the checkpoint, not saved by autograd) and, in backward, one layer's recomputed
+    activations. The per-layer size comes from a second probe with checkpointing switched off."""
+    import torch
+
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    blocks = [m for m in layers if type(m).__name__.endswith(("Layer", "Block"))]
+    if not blocks:
+        return 0
+    for m in layers:
+        m.gradient_checkpointing = False
+    try:
+        full = probe_step(model, task, batch, autocast, torch.device("cpu"))
+    finally:
+        for m in layers:
+            m.gradient_checkpointing = True
+    shape = _layers_hidden(model)
+    ids = batch.get("input_ids")
+    inputs = 0
+    if shape is not None and ids is not None:
+        elem = 2 if autocast in (torch.bfloat16, torch.float16) else 4
+        inputs = len(blocks) * ids.numel() * shape[1] * elem
+    per_layer = max(0, full.saved_bytes - pr.saved_bytes) // len(blocks)
+    return inputs + per_layer + _selectively_kept(model, blocks, task, batch)
+
+
+def _selectively_kept(model: torch.nn.Module, blocks: list, task: Any, batch: dict[str, Any]) -> int:
+    """Selective checkpointing (models/checkpointing.py) also keeps the outputs of the ops its policy
+    saves: count them in one no-grad forward, inside the checkpointed blocks only."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    fn = getattr(blocks[0], "_gradient_checkpointing_func", None)
+    context_fn = getattr(fn, "keywords", {}).get("context_fn")
+    policy = getattr(context_fn, "args", (None,))[0]  # partial(create_selective_checkpoint_contexts, policy)
+    if not callable(policy):
+        return 0
+    depth, kept = [0], [0]
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if depth[0] and policy(None, func, *args, **(kwargs or {})) == CheckpointPolicy.MUST_SAVE:
+                kept[0] += sum(t.nbytes for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            return out
+
+    def enter(*_):
+        depth[0] += 1
+
+    def leave(*_):
+        depth[0] -= 1
+
+    handles = [h for b in blocks for h in (b.register_forward_pre_hook(enter), b.register_forward_hook(leave))]
+    try:
+        with torch.no_grad(), _Count():
+            task.forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return kept[0]
+
+
 # -- the plan ------------------------------------------------------------------------------------------
 
 
@@ -306,6 +371,10 @@ def make_plan(cfg: RunConfig, budget: int | None = None, log=print, time_device:
     scale = micro / max(pr.batch, 1)
     activations = int((pr.saved_bytes + pr.output_bytes) * scale)
     notes = []
+    recompute = _checkpointed_extra(model, run.task, batch, probe_autocast, pr)
+    if recompute:
+        activations += int(recompute * scale)
+        notes.append("activation checkpointing: kept layer inputs + one layer recomputed in backward")
     if autocast == torch.float16:
         activations //= 2
         notes.append("fp16 activations estimated as half of the fp32 probe")
