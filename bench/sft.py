@@ -78,6 +78,15 @@ def lora_config():
     )
 
 
+def mark_start(timer: dict[str, float]) -> None:
+    timer["start"], timer["cpu_start"] = time.perf_counter(), time.process_time()
+
+
+def mark_end(timer: dict[str, float]) -> None:
+    timer["end"], timer["cpu_end"] = time.perf_counter(), time.process_time()
+    timer["peak_rss_mb"] = peak_rss_mb()
+
+
 def measured(tokens: int, timer: dict[str, float], loss: float) -> dict:
     """Throughput on the wall clock, and per CPU-second of this process (robust when others share the CPU)."""
     seconds, cpu = timer["end"] - timer["start"], timer["cpu_end"] - timer["cpu_start"]
@@ -159,11 +168,10 @@ def run_trl(args: argparse.Namespace, tuned: bool) -> dict:
 
     class Timer(TrainerCallback):
         def on_train_begin(self, *a, **k):
-            timer["start"], timer["cpu_start"] = time.perf_counter(), time.process_time()
+            mark_start(timer)
 
         def on_train_end(self, *a, **k):
-            timer["end"], timer["cpu_end"] = time.perf_counter(), time.process_time()
-            timer["peak_rss_mb"] = peak_rss_mb()
+            mark_end(timer)
 
     trainer = SFTTrainer(
         model=model,
@@ -243,11 +251,10 @@ def run_ours(args: argparse.Namespace) -> dict:
 
     class Timer(Callback):
         def on_fit_start(self, trainer):
-            timer["start"], timer["cpu_start"] = time.perf_counter(), time.process_time()
+            mark_start(timer)
 
         def on_train_end(self, trainer):
-            timer["end"], timer["cpu_end"] = time.perf_counter(), time.process_time()
-            timer["peak_rss_mb"] = peak_rss_mb()
+            mark_end(timer)
 
     trainer = make_trainer(run, [Timer()])
     trainer.fit()

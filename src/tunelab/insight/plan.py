@@ -245,7 +245,12 @@ def _checkpointing_switch(cfg: RunConfig) -> str | None:
             else "model.activation_checkpointing=true"
         )
     if name in ("hf_causal_lm",):
-        on = cfg.model.kwargs.get("gradient_checkpointing", True)  # the hf_causal_lm default
+        import inspect
+
+        from tunelab.registry import MODELS
+
+        default = inspect.signature(MODELS.get(name).build).parameters["gradient_checkpointing"].default
+        on = cfg.model.kwargs.get("gradient_checkpointing", default)
         return None if on is True else "model.gradient_checkpointing=true"
     return None
 
@@ -258,6 +263,11 @@ def _linear_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
         for n, m in model.named_modules()
         if isinstance(m, nn.Linear) and not any(h in n for h in ("lm_head", "classifier", "score"))
     ]
+
+
+def _kept_inputs_bytes(layers: int, tokens: int, hidden: int, half: bool) -> int:
+    """The block inputs activation checkpointing keeps for the recompute: one hidden state per token per block."""
+    return layers * tokens * hidden * (2 if half else 4)
 
 
 def _checkpointed_extra(model: torch.nn.Module, task: Any, batch: dict[str, Any], autocast: Any, pr: Probe) -> int:
@@ -281,8 +291,8 @@ def _checkpointed_extra(model: torch.nn.Module, task: Any, batch: dict[str, Any]
     ids = batch.get("input_ids")
     inputs = 0
     if shape is not None and ids is not None:
-        elem = 2 if autocast in (torch.bfloat16, torch.float16) else 4
-        inputs = len(blocks) * ids.numel() * shape[1] * elem
+        half = autocast in (torch.bfloat16, torch.float16)
+        inputs = _kept_inputs_bytes(len(blocks), ids.numel(), shape[1], half)
     per_layer = max(0, full.saved_bytes - pr.saved_bytes) // len(blocks)
     return inputs + per_layer + _selectively_kept(model, blocks, task, batch)
 
@@ -295,10 +305,10 @@ def _selectively_kept(model: torch.nn.Module, blocks: list, task: Any, batch: di
     from torch.utils._pytree import tree_leaves
     from torch.utils.checkpoint import CheckpointPolicy
 
-    fn = getattr(blocks[0], "_gradient_checkpointing_func", None)
-    context_fn = getattr(fn, "keywords", {}).get("context_fn")
-    policy = getattr(context_fn, "args", (None,))[0]  # partial(create_selective_checkpoint_contexts, policy)
-    if not callable(policy):
+    from tunelab.models.checkpointing import selective_policy
+
+    policy = selective_policy(getattr(blocks[0], "_gradient_checkpointing_func", None))
+    if policy is None:
         return 0
     depth, kept = [0], [0]
 
@@ -475,8 +485,8 @@ def levers(plan: Plan, cfg: RunConfig, model: torch.nn.Module, pr: Probe, budget
     if switch and shape:
         layers, hidden = shape
         tokens = plan.micro_batch * (pr.seq_len or 1)
-        bytes_per = 2 if plan.precision in ("torch.bfloat16", "torch.float16") else 4
-        act = layers * tokens * hidden * bytes_per + plan.activations_bytes / layers
+        half = plan.precision in ("torch.bfloat16", "torch.float16")
+        act = _kept_inputs_bytes(layers, tokens, hidden, half) + plan.activations_bytes / layers
         total = peak_bytes(w, g, o, act, plan.overhead_bytes)
         out.append(Lever("activation checkpointing", switch, total, total <= budget, "~30% more compute"))
     # 3. LoRA r=16 on every linear layer (when the run is not LoRA already)

@@ -48,3 +48,11 @@ def selective_checkpoint_kwargs(min_inner: int = 128) -> dict[str, Any]:
         "use_reentrant": False,
         "context_fn": functools.partial(create_selective_checkpoint_contexts, functools.partial(_policy, min_inner)),
     }
+
+
+def selective_policy(checkpoint_fn: Any) -> Any:
+    """The policy inside a checkpoint function built with `selective_checkpoint_kwargs` (e.g. a Hugging Face
+    layer's `_gradient_checkpointing_func`), or None for plain checkpointing."""
+    context_fn = getattr(checkpoint_fn, "keywords", {}).get("context_fn")
+    policy = getattr(context_fn, "args", (None,))[0]  # partial(create_selective_checkpoint_contexts, policy)
+    return policy if callable(policy) else None
