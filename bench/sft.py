@@ -301,16 +301,19 @@ def acceptance(run_dir: Path) -> dict:
     out = Path(tempfile.mkdtemp()) / "merged"
     export_run(run_dir, output=out, merge=True)
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    batch = data.collate_fn([data.eval[i] for i in range(min(4, len(data.eval)))])
-    kw = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    kw["use_cache"] = False  # a KV cache would turn off HF's packed-sequence (block-diagonal) masking
     with torch.no_grad():
+        # every held-out example in its own forward, as inference runs it
+        diff, examples = 0.0, data.eval.examples
+        for e_ids, _ in examples:
+            ids = torch.tensor([e_ids])
+            diff = max(diff, (merged(input_ids=ids).logits - tuned(input_ids=ids).logits).abs().max().item())
+        # and 4 packed training-shaped rows (1,024 tokens each, block-diagonal attention): longer rows,
+        # so more accumulated fp32 rounding
+        batch = data.collate_fn([data.eval[i] for i in range(min(4, len(data.eval)))])
+        kw = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        kw["use_cache"] = False  # a KV cache would turn off HF's packed-sequence (block-diagonal) masking
         want = tuned(**kw).logits
-        diff = (merged(**kw).logits - want).abs().max().item()
-        # fp32's own noise on these rows: the same adapter model, one row at a time instead of batched
-        rows = [tuned(**{k: v[i : i + 1] for k, v in kw.items() if k != "use_cache"}, use_cache=False).logits
-                for i in range(len(batch["input_ids"]))]  # fmt: skip
-        floor = (torch.cat(rows) - want).abs().max().item()
+        packed = (merged(**kw).logits - want).abs().max().item()
     tok = load_tokenizer(str(out))
     prompts = [
         "Give three tips for staying healthy.",
@@ -322,9 +325,10 @@ def acceptance(run_dir: Path) -> dict:
         "base_loss": round(base_loss, 4),
         "tuned_loss": round(tuned_loss, 4),
         "reduction": round(1 - tuned_loss / base_loss, 4),
-        "merge_max_abs_diff": diff,
-        "merge_logits_compared": int(want.numel()),
-        "fp32_noise_floor": floor,  # adapter model batched vs row by row
+        "merge_max_abs_diff": diff,  # over the held-out examples, one forward each
+        "merge_examples_compared": len(examples),
+        "merge_max_abs_diff_packed_rows": packed,
+        "packed_logits_compared": int(want.numel()),
         "export_eos": [ended for _, ended in replies],
         "replies": [text for text, _ in replies],
     }

@@ -85,11 +85,22 @@ def test_activation_checkpointing_same_gradients(flavour):
         (dict(flavour="llama", n_head=4, n_kv_head=3, n_embd=32), "must divide"),
         (dict(size="gpt3"), "unknown"),
         (dict(flavour="mamba"), "flavour"),
+        (dict(gelu_approximate="fast"), "gelu_approximate"),
     ],
 )
 def test_bad_config(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         gpt(**{"size": None, "vocab_size": 10, "block_size": 8, **kwargs})
+
+
+def test_gelu_approximate_switches_the_mlp_activation():
+    x = torch.randint(0, 65, (2, 16))
+    outs = []
+    for approx in ("tanh", "none"):  # GPT-2's tanh approximation; nanoGPT's exact GELU
+        torch.manual_seed(0)
+        outs.append(gpt(size="baby", gelu_approximate=approx)(x))
+    assert outs[0].shape == outs[1].shape and not torch.equal(outs[0], outs[1])
+    assert torch.allclose(outs[0], outs[1], atol=1e-2)  # the same model up to the activation's approximation
 
 
 def test_compiled_training_step_has_no_graph_breaks(flavour):

@@ -172,19 +172,87 @@ def _loss_and_grads(model, task, batch):
     return out, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_target_only_logits_give_the_same_loss_and_gradients():
+def _tiny_llama(tie: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tie, attn_implementation="sdpa")  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_target_only_and_fused_head_give_the_same_loss_and_gradients(lora, monkeypatch):
+    from tunelab.tasks import linear_ce
     from tunelab.tasks.causal_lm import CausalLMTask
 
-    model, batch = _tiny_llama_with_lora().train(), _sft_batch()
+    monkeypatch.setattr(linear_ce, "CHUNK_ELEMENTS", 300 * 7)  # 7 rows a chunk: several chunks and a ragged one
+    model = (_tiny_llama_with_lora() if lora else _tiny_llama()).train()  # full FT: the tied head trains
+    batch = _sft_batch()
     out_full, loss_full, g_full = _loss_and_grads(model, CausalLMTask(target_logits=False), batch)
-    out_tgt, loss_tgt, g_tgt = _loss_and_grads(model, CausalLMTask(), batch)
+    out_tgt, loss_tgt, g_tgt = _loss_and_grads(model, CausalLMTask(fused_loss=False), batch)
+    out_fused, loss_fused, g_fused = _loss_and_grads(model, CausalLMTask(), batch)
     n_targets = int((batch["labels"] != -100).sum())
-    assert out_full.shape == (2, 24, 300) and out_tgt.shape == (n_targets, 300)
-    torch.testing.assert_close(loss_tgt, loss_full, rtol=1e-5, atol=1e-5)
-    assert g_full.keys() == g_tgt.keys() and g_full
-    for name in g_full:
-        torch.testing.assert_close(g_tgt[name], g_full[name], rtol=1e-4, atol=1e-6)
-    assert model(input_ids=batch["input_ids"]).logits.shape == (2, 24, 300)  # the hook is off outside the task
+    assert out_full.shape == (2, 24, 300) and out_tgt.shape == (n_targets, 300) and out_fused.dim() == 0
+    for loss, grads in ((loss_tgt, g_tgt), (loss_fused, g_fused)):
+        torch.testing.assert_close(loss, loss_full, rtol=1e-5, atol=1e-5)
+        assert grads.keys() == g_full.keys() and g_full
+        for name in g_full:
+            torch.testing.assert_close(grads[name], g_full[name], rtol=1e-4, atol=1e-6)
+    assert ("model.embed_tokens.weight" in g_full) is not lora
+    assert model(input_ids=batch["input_ids"]).logits.shape == (2, 24, 300)  # the hooks are off outside the task
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_linear_cross_entropy_matches_the_unfused_head_and_loss(smoothing, monkeypatch):
+    import torch.nn.functional as F
+
+    from tunelab.tasks import linear_ce
+
+    monkeypatch.setattr(linear_ce, "CHUNK_ELEMENTS", 50 * 16)  # 16 rows a chunk
+    torch.manual_seed(0)
+    h = torch.randn(37, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 50, (37,))
+    want = F.cross_entropy(F.linear(h, w, b), t, reduction="sum", label_smoothing=smoothing)
+    want_grads = torch.autograd.grad(want * 0.5, (h, w, b))
+    got = linear_ce.linear_cross_entropy(h, w, b, t, smoothing)
+    got_grads = torch.autograd.grad(got * 0.5, (h, w, b))  # backward scales by the incoming gradient
+    torch.testing.assert_close(got, want.float())
+    for g, ref in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # evaluation: the loss alone, no gradient work
+        torch.testing.assert_close(linear_ce.linear_cross_entropy(h, w, b, t, smoothing), want.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision: bf16 matmuls, fp32 loss
+        low = linear_ce.linear_cross_entropy(h.float(), w.float(), None, t)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, F.cross_entropy(F.linear(h, w), t, reduction="sum").float(), rtol=2e-2, atol=0.5)
+
+
+def test_fused_head_falls_back_when_the_model_rescales_its_logits():
+    from transformers.modeling_outputs import CausalLMOutput
+
+    from tunelab.tasks.causal_lm import CausalLMTask
+
+    class Scaled(torch.nn.Module):  # like Cohere's logit_scale or Gemma-2's soft-capping
+        def __init__(self):
+            super().__init__()
+            self.inner = _tiny_llama()
+
+        def get_output_embeddings(self):
+            return self.inner.lm_head
+
+        def forward(self, **kw):
+            return CausalLMOutput(logits=self.inner(**kw).logits * 0.5)
+
+    model, batch = Scaled(), _sft_batch()
+    task = CausalLMTask()
+    _, loss, _ = _loss_and_grads(model, task, batch)
+    _, want, _ = _loss_and_grads(model, CausalLMTask(target_logits=False), batch)
+    assert task.fused_loss is False
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", [True, "selective"])

@@ -391,6 +391,12 @@ def make_plan(cfg: RunConfig, budget: int | None = None, log=print, time_device:
     # Working space beyond what is saved: at the start of backward the loss's gradient w.r.t. its log-softmax
     # and w.r.t. the logits are both alive, each the size of the output; plus the runtime constant.
     overhead = int(2 * pr.output_bytes * scale) + RUNTIME_BYTES
+    if pr.output_bytes <= 8 and getattr(run.task, "fused_loss", False):
+        # the fused head + loss returned the loss itself; its one chunk of fp32 logits is the working space
+        from tunelab.tasks.linear_ce import CHUNK_ELEMENTS
+
+        overhead += 4 * CHUNK_ELEMENTS
+        notes.append("output head and loss fused: one chunk of logits at a time")
     # The trainer's batch sampler materialises each epoch's shuffled indices as Python lists: a 28-byte int
     # and two 8-byte list slots per example, plus one list per batch (measured: ~120 MB for the 1M windows of
     # tiny-shakespeare at batch size 1).

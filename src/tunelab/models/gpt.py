@@ -47,6 +47,7 @@ class GPTConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True  # lm_head shares the token-embedding matrix
     norm_eps: float = 1e-5
+    gelu_approximate: Literal["none", "tanh"] = "tanh"  # gpt2 flavour: F.gelu's `approximate` (nanoGPT: none)
     rope_theta: float = 10000.0
     init_std: float = 0.02
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
@@ -54,6 +55,8 @@ class GPTConfig:
     def __post_init__(self) -> None:
         if self.flavour not in ("gpt2", "llama"):
             raise ConfigError(f"`model.flavour` = {self.flavour!r} is invalid: use `gpt2` or `llama`")
+        if self.gelu_approximate not in ("none", "tanh"):
+            raise ConfigError(f"`model.gelu_approximate` = {self.gelu_approximate!r} is invalid: use `none` or `tanh`")
         for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"`model.{key}` = {getattr(self, key)} is invalid: must be > 0")
@@ -191,6 +194,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.swiglu = cfg.flavour == "llama"
+        self.gelu_approximate = cfg.gelu_approximate
         self.fc = nn.Linear(cfg.n_embd, cfg.hidden * (2 if self.swiglu else 1), bias=cfg.bias)
         self.proj = nn.Linear(cfg.hidden, cfg.n_embd, bias=cfg.bias)
 
@@ -200,7 +204,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(h, approximate=self.gelu_approximate)
         return self.proj(h)
 
 
@@ -377,6 +381,7 @@ def gpt(
     dropout: float | None = None,
     tie_embeddings: bool | None = None,
     norm_eps: float | None = None,
+    gelu_approximate: Literal["none", "tanh"] | None = None,
     rope_theta: float | None = None,
     init_std: float | None = None,
     activation_checkpointing: bool | None = None,

@@ -11,6 +11,13 @@ is applied to the hidden states of the target positions only, so the model retur
 (targets, vocab) instead of (batch, length, vocab). With a 49k vocabulary the head is ~20% of a small
 LLM's FLOPs and its logits are the largest activation; skipping the prompt and padding positions saves
 both, and the loss is the same sum over the same targets.
+
+Head and loss fused (`fused_loss: true`, the default, with `target_logits`): when the head is a plain
+`nn.Linear`, it is swapped for `linear_ce.linear_cross_entropy` during the task's forward, which returns
+the summed loss instead of logits, working through the target rows in chunks: the (targets, vocab) logits,
+their log-softmax and their gradient never exist (about 600 MB at SmolLM2's 49k vocabulary and 1k targets).
+A model that post-processes its head's output (logit soft-capping, scaling) is detected on the first
+batch, and the task falls back to target-only logits for it.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tunelab.tasks.base import Batch, MetricSet, Task, register_task
+from tunelab.tasks.linear_ce import linear_cross_entropy
 
 _ROWS = "_tunelab_target_rows"
 
@@ -66,22 +74,49 @@ def target_rows(head: nn.Module, rows: torch.Tensor) -> Iterator[None]:
         head.__dict__[_ROWS] = None
 
 
+@contextlib.contextmanager
+def fused_head(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor, label_smoothing: float):
+    """While active, `head(hidden)` returns the summed cross-entropy of the target rows (a 0-d fp32
+    tensor, also left in the yielded dict under "loss") instead of logits."""
+    box: dict[str, torch.Tensor] = {}
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        box["loss"] = linear_cross_entropy(hidden, head.weight, head.bias, targets, label_smoothing)
+        return box["loss"]
+
+    with target_rows(head, rows):
+        head.forward = forward  # an instance attribute shadows the class's forward
+        try:
+            yield box
+        finally:
+            del head.forward
+
+
 @register_task("causal_lm")
 class CausalLMTask(Task):
     name = "causal_lm"
     default_monitor = "loss"
     model_input_keys = ("input_ids", "attention_mask", "position_ids")
 
-    def __init__(self, loss: Any = None, target_logits: bool = True):
+    def __init__(self, loss: Any = None, target_logits: bool = True, fused_loss: bool = True):
         super().__init__(loss)
         self.target_logits = target_logits
+        self.fused_loss = fused_loss and target_logits
 
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Logits (full or target rows), or with the fused head the summed loss itself (0-d)."""
         labels = batch.get("labels")
         head = output_head(model) if self.target_logits and isinstance(labels, torch.Tensor) else None
         if head is None or labels.dim() != 2:
             return super().forward(model, batch)
-        with target_rows(head, labels != self.loss_cfg.ignore_index):
+        rows = labels != self.loss_cfg.ignore_index
+        if self.fused_loss and type(head) is nn.Linear:  # not a LoRA-wrapped or quantised head
+            with fused_head(head, rows, labels[rows], self.loss_cfg.label_smoothing) as box:
+                out = super().forward(model, batch)
+            if out is box.get("loss"):
+                return out
+            self.fused_loss = False  # the model changed the head's output: use target-only logits
+        with target_rows(head, rows):
             return super().forward(model, batch)
 
     def count_targets(self, batch: Batch) -> torch.Tensor:
@@ -89,6 +124,8 @@ class CausalLMTask(Task):
 
     def loss_sum(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         logits, labels = outputs, batch["labels"]
+        if logits.dim() == 0:  # the fused head already returned the summed loss
+            return logits
         if logits.dim() == 2 and labels.dim() == 2:  # target-only logits: (targets, vocab)
             labels = labels[labels != self.loss_cfg.ignore_index]
         return F.cross_entropy(
