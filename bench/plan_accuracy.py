@@ -3,7 +3,9 @@
 CPU: the growth of the process RSS during `Trainer.fit` (sampled every 2 ms) over the RSS just before it,
 with the model and data already loaded, every weight page read (safetensors weights may be memory-mapped
 and become resident only when first read) and the optimizer module imported; the plan's comparable figure is its total minus the weights
-(gradients + optimizer states + activations + working space). GPU: torch.cuda.max_memory_allocated
+(gradients + optimizer states + activations + working space). Beside RSS, the growth of what glibc's
+malloc has handed out and not had back (mallinfo2: heap in use + mmapped blocks), i.e. the live bytes
+without the free holes the heap keeps resident. GPU: torch.cuda.max_memory_allocated
 against the plan's total. Each side runs in its own subprocess; one JSON line per case, then a final one.
 
     python bench/plan_accuracy.py                   # text classification, SFT (LoRA), GPT pretraining
@@ -37,7 +39,7 @@ COMMON = [
 ]
 
 MEASURE = r"""
-import json, sys, threading, time
+import ctypes, json, sys, threading, time
 import torch
 from tunelab.config import load_config
 from tunelab.run import build_run, make_trainer, prepare_output_dir
@@ -46,14 +48,30 @@ def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+try:  # glibc: bytes malloc has handed out and not had back (heap in use + mmapped blocks)
+    _libc = ctypes.CDLL("libc.so.6")
+    _libc.mallinfo2.restype = _MallInfo2
+    def live():
+        m = _libc.mallinfo2()
+        return m.uordblks + m.hblkhd
+except (OSError, AttributeError):
+    live = None
+
 cfg = load_config(sys.argv[1], sys.argv[2:])
 prepare_output_dir(cfg, resume=False, overwrite=True)
 run = build_run(cfg, log=lambda m: None)
 trainer = make_trainer(run)
-peak, stop = [0], [False]
+peak, live_peak, stop = [0], [0], [False]
 def sample():
+    n = 0
     while not stop[0]:
         peak[0] = max(peak[0], rss())
+        if live is not None and n % 5 == 0:  # mallinfo2 walks the heap's free lists: every 10 ms
+            live_peak[0] = max(live_peak[0], live())
+        n += 1
         time.sleep(0.002)
 # Pay the one-time imports before the baseline: building the first torch.optim optimizer imports
 # torch._dynamo/sympy (~150 MB of Python modules on torch 2.14), which is not memory of the training step.
@@ -64,6 +82,7 @@ with torch.no_grad():
     for t in list(run.model.parameters()) + list(run.model.buffers()):
         t.sum()
 base = rss()
+live_base = live() if live is not None else 0
 t = threading.Thread(target=sample, daemon=True)
 t.start()
 if torch.cuda.is_available():
@@ -72,6 +91,8 @@ trainer.fit()
 stop[0] = True
 t.join()
 out = {"rss_before_mb": base / 2**20, "rss_growth_mb": (peak[0] - base) / 2**20}
+if live is not None:
+    out["malloc_live_growth_mb"] = (live_peak[0] - live_base) / 2**20
 if torch.cuda.is_available():
     out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
 print(json.dumps(out))
@@ -127,6 +148,8 @@ def main() -> int:
             "predicted_growth_mb": round(predicted, 1),
             "measured_rss_growth_mb": round(measured["rss_growth_mb"], 1),
             "error_pct": round(100 * (predicted - measured["rss_growth_mb"]) / measured["rss_growth_mb"], 1),
+            # what the process's tensors and buffers held (glibc mallinfo2), without the heap's free holes
+            "measured_malloc_live_growth_mb": round(measured.get("malloc_live_growth_mb", float("nan")), 1),
             "malloc_mmap_threshold": args.mmap_threshold,
         }
         if "gpu_peak_mb" in measured:
