@@ -8,7 +8,7 @@ the gradients for `hidden`, `weight` and `bias` right away, inside the forward: 
 by the incoming gradient. The FLOPs are those of the plain head + loss (one forward and two backward
 matmuls), with no recompute; the memory is one chunk of logits instead of three (targets x vocab) tensors
 (the logits, the saved log-softmax and the logits' gradient). For SmolLM2's 49k vocabulary and 1k target
-tokens that is about 600 MB less at the peak of an SFT step. The idea is Liger Kernel's fused linear
+tokens the plan's SFT estimate fell by 488 MiB (docs/insight.md). The idea is Liger Kernel's fused linear
 cross-entropy (and torchtune's chunked output loss), written here in plain PyTorch so it runs on any device.
 """
 
