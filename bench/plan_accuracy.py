@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tunelab.allocator import preload_env
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Short, eval-light versions of the recipes: memory per step does not depend on the number of steps.
@@ -59,6 +61,9 @@ try:  # glibc: bytes malloc has handed out and not had back (heap in use + mmapp
         return m.uordblks + m.hblkhd
 except (OSError, AttributeError):
     live = None
+from tunelab.allocator import active
+if active() == "mimalloc":
+    live = None  # glibc's counters no longer see the tensors: RSS is the measure
 
 cfg = load_config(sys.argv[1], sys.argv[2:])
 prepare_output_dir(cfg, resume=False, overwrite=True)
@@ -90,7 +95,7 @@ if torch.cuda.is_available():
 trainer.fit()
 stop[0] = True
 t.join()
-out = {"rss_before_mb": base / 2**20, "rss_growth_mb": (peak[0] - base) / 2**20}
+out = {"rss_before_mb": base / 2**20, "rss_growth_mb": (peak[0] - base) / 2**20, "malloc": active()}
 if live is not None:
     out["malloc_live_growth_mb"] = (live_peak[0] - live_base) / 2**20
 if torch.cuda.is_available():
@@ -119,6 +124,10 @@ def main() -> int:
         help="measure with glibc MALLOC_MMAP_THRESHOLD_=N (bytes): freed large blocks go back to the "
         "OS, so RSS follows live tensor memory instead of the heap's high-water mark",
     )
+    p.add_argument(
+        "--malloc", choices=["default", "system"], default="default",
+        help="the training process's malloc (default: mimalloc on Linux, as `tunelab train` runs it)",
+    )
     args = p.parse_args()
     rows = []
     for name in args.only or list(CASES):
@@ -131,6 +140,8 @@ def main() -> int:
         env = dict(os.environ)
         if args.mmap_threshold:
             env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+        elif args.malloc == "default":  # what `tunelab train` runs on (tunelab/allocator.py)
+            env = preload_env(env) or env
         measured = _last_json([sys.executable, "-c", MEASURE, recipe, *overrides], env)
         predicted = (plan["total_bytes"] - plan["weights_bytes"]) / 2**20  # the training-time growth
         row = {
@@ -150,6 +161,7 @@ def main() -> int:
             "error_pct": round(100 * (predicted - measured["rss_growth_mb"]) / measured["rss_growth_mb"], 1),
             # what the process's tensors and buffers held (glibc mallinfo2), without the heap's free holes
             "measured_malloc_live_growth_mb": round(measured.get("malloc_live_growth_mb", float("nan")), 1),
+            "malloc": measured["malloc"],
             "malloc_mmap_threshold": args.mmap_threshold,
         }
         if "gpu_peak_mb" in measured:

@@ -10,7 +10,8 @@ completion-only loss, max length, micro-batch, accumulation, steps, constant LR,
 (TRL's CPU default would be bf16 autocast: switched off so all sides compute the same thing).
 Differences that are each tool's own defaults: TRL default = no packing, gradient checkpointing on (its
 default); TRL tuned = `packing=True` (BFD, padding-free position_ids) and checkpointing off; tunelab = its
-defaults (packing on, no checkpointing).
+defaults (packing on, checkpointing on, the fused head + loss, and mimalloc as the malloc, which `tunelab train` preloads on
+Linux; `--ours-malloc system` turns that off, `--peer-malloc mimalloc` gives it to the TRL sides too).
 
 Measured per side: `tokens_per_s` = non-padding tokens fed to the model / wall time from the first to the
 last training step (model loading, tokenisation and evaluation excluded); `peak_rss_mb` = the process's
@@ -54,6 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="tunelab's model.gradient_checkpointing (default: tunelab's own default)",
     )
     p.add_argument(
+        "--peer-malloc", choices=["system", "mimalloc"], default="system",
+        help="the TRL sides' malloc (default: the system's, as a TRL user gets; mimalloc: what it alone does)",
+    )
+    p.add_argument(
+        "--ours-malloc", choices=["default", "system"], default="default",
+        help="tunelab's malloc (default: mimalloc on Linux, as `tunelab train` runs it)",
+    )
+    p.add_argument(
         "--acceptance", metavar="RUN_DIR", help="check a finished LoRA run against the issue's bar"
     )
     return p.parse_args(argv)
@@ -76,6 +85,22 @@ def lora_config():
     return LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
     )
+
+
+def active_malloc() -> str:
+    from tunelab.allocator import active
+
+    return active()
+
+
+def side_env(side: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str, str]:
+    """Ours runs on the malloc `tunelab train` picks (tunelab.allocator: mimalloc on Linux); the TRL sides on
+    the system's unless --peer-malloc mimalloc."""
+    from tunelab.allocator import preload_env
+
+    want = args.ours_malloc != "system" if side == "ours" else args.peer_malloc == "mimalloc"
+    env = {**env, "TUNELAB_MALLOC": "mimalloc" if want else "system"}
+    return (preload_env(env) or env) if want else env
 
 
 def mark_start(timer: dict[str, float]) -> None:
@@ -342,6 +367,7 @@ def run_side(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     out = run_ours(args) if args.side == "ours" else run_trl(args, tuned=args.side == "peer_tuned")
     out["peak_rss_mb_incl_eval"] = peak_rss_mb()
+    out["malloc"] = active_malloc()
     print(json.dumps({"side": args.side, **out}), flush=True)
 
 
@@ -369,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
             [sys.executable, __file__, "--side", side, *passthrough],
             capture_output=True,
             text=True,
-            env=env,
+            env=side_env(side, args, env),
             cwd=REPO,
         )
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -379,6 +405,7 @@ def main(argv: list[str] | None = None) -> None:
         res = json.loads(lines[-1])
         print(json.dumps(res), file=sys.stderr, flush=True)
         results[side] = {k: round(res[k], 4) for k in ("tokens_per_s", "peak_rss_mb", "eval_loss")}
+        results[side]["malloc"] = res["malloc"]
         cpu_rate[side] = res.get("tokens_per_cpu_s", float("nan"))
     final: dict = dict(results)
     if {"peer", "ours"} <= results.keys():
@@ -393,7 +420,8 @@ def main(argv: list[str] | None = None) -> None:
         final["cpu_speedup"] = {k: round(cpu_rate["ours"] / v, 3) for k, v in cpu_rate.items() if k != "ours"}
     final["config"] = {
         k: getattr(args, k)
-        for k in ("steps", "batch_size", "grad_accum", "max_length", "lr", "eval_size", "seed", "ours_checkpointing")
+        for k in ("steps", "batch_size", "grad_accum", "max_length", "lr", "eval_size", "seed", "ours_checkpointing",
+                  "peer_malloc", "ours_malloc")
     }
     print(json.dumps(final))
 

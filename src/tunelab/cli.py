@@ -181,7 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands that train or run a model over a dataset: run on mimalloc (see tunelab.allocator)
+_MIMALLOC_COMMANDS = {"train", "lr-find", "eval", "quickstart"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # started as a program (not called from Python): the allocator can still be chosen
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+        if command in _MIMALLOC_COMMANDS:
+            from tunelab.allocator import reexec_with_mimalloc
+
+            reexec_with_mimalloc()
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:

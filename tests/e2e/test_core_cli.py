@@ -51,6 +51,24 @@ def test_quickstart(tmp_path):
     assert all("step" in e for e in events) and {"start", "train", "eval", "end"} <= {
         e["event"] for e in events
     }
+    # the CLI re-executed itself on mimalloc (a core dependency on Linux; tunelab/allocator.py)
+    start = next(e for e in events if e["event"] == "start")
+    assert start["malloc"] == ("mimalloc" if sys.platform.startswith("linux") else "system")
+
+
+def test_malloc_can_be_switched_off_and_preload_is_composed(tmp_path):
+    from tunelab import allocator
+
+    out = tmp_path / "sys"
+    run_cli("train", DIGITS, f"output.dir={out}", "train.max_steps=2", QUIET,
+            env={**os.environ, "TUNELAB_MALLOC": "system"})
+    start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["malloc"] == "system"
+    if sys.platform.startswith("linux"):
+        env = allocator.preload_env({"LD_PRELOAD": "/x/libother.so"})
+        assert env["LD_PRELOAD"] == f"{allocator.library()}:/x/libother.so"
+        assert allocator.preload_env(env) is None  # already preloaded: no second re-exec
+    assert allocator.preload_env({"TUNELAB_MALLOC": "system"}) is None
 
 
 def test_eval_and_inspect(tmp_path):

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from tunelab import allocator
 from tunelab.config import (
     EarlyStoppingSection,
     EvalSection,
@@ -485,7 +486,8 @@ class Trainer:
         if self.global_step == 0:
             self.log("start", total_steps=self.total_steps, steps_per_epoch=steps_per_epoch,
                      train_examples=len(self.train_data), device=str(self.device),
-                     precision=str(self.autocast_dtype or "fp32"), **self.log_on_start)
+                     precision=str(self.autocast_dtype or "fp32"), malloc=allocator.active(),
+                     **self.log_on_start)
         progress = self._progress_bar()
         run_batches = _RunBatches(
             sampler, len(self.train_data), self.epoch, self.batch_in_epoch, tag=cfg.num_workers > 0
