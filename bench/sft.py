@@ -326,12 +326,20 @@ def acceptance(run_dir: Path) -> dict:
     out = Path(tempfile.mkdtemp()) / "merged"
     export_run(run_dir, output=out, merge=True)
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    import copy
+
+    exact = copy.deepcopy(tuned).double()  # the adapter model in float64: how far is each fp32 model from it?
     with torch.no_grad():
         # every held-out example in its own forward, as inference runs it
         diff, examples = 0.0, data.eval.examples
+        adapter_err = merged_err = 0.0
         for e_ids, _ in examples:
             ids = torch.tensor([e_ids])
-            diff = max(diff, (merged(input_ids=ids).logits - tuned(input_ids=ids).logits).abs().max().item())
+            a, m, x = (mod(input_ids=ids).logits for mod in (tuned, merged, exact))
+            diff = max(diff, (m - a).abs().max().item())
+            adapter_err = max(adapter_err, (a.double() - x).abs().max().item())
+            merged_err = max(merged_err, (m.double() - x).abs().max().item())
+        del exact
         # and 4 packed training-shaped rows (1,024 tokens each, block-diagonal attention): longer rows,
         # so more accumulated fp32 rounding
         batch = data.collate_fn([data.eval[i] for i in range(min(4, len(data.eval)))])
@@ -352,6 +360,9 @@ def acceptance(run_dir: Path) -> dict:
         "reduction": round(1 - tuned_loss / base_loss, 4),
         "merge_max_abs_diff": diff,  # over the held-out examples, one forward each
         "merge_examples_compared": len(examples),
+        # fp32's own error on these logits: each fp32 model against the adapter model run in float64
+        "adapter_fp32_vs_float64": adapter_err,
+        "merged_fp32_vs_float64": merged_err,
         "merge_max_abs_diff_packed_rows": packed,
         "packed_logits_compared": int(want.numel()),
         "export_eos": [ended for _, ended in replies],
