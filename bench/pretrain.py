@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tunelab.allocator import preload_env
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "gpt-shakespeare-char.yaml"
 NANOGPT_EAGER_TOKENS_PER_S = 15_800  # nanoGPT's train.py, eager, 2 CPU cores (issue 3)
@@ -57,6 +59,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--corpus", default=str(REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"))
     p.add_argument(
         "--cache-dir", default=None, help="token cache (default: a temp folder, shared by the sides)"
+    )
+    p.add_argument(
+        "--tied", action="store_true",
+        help="tie the embeddings as nanoGPT does (the recipe unties them: lower val loss, docs/gpt.md)",
+    )
+    p.add_argument(
+        "--ours-malloc", choices=["default", "system"], default="default",
+        help="tunelab's malloc (default: mimalloc on Linux, as `tunelab train` runs it); the loops: glibc's",
     )
     p.add_argument(
         "--repeats", type=int, default=1, help="run the sides round-robin N times; keep each side's best"
@@ -89,6 +99,8 @@ def overrides(args: argparse.Namespace, out: Path) -> list[str]:
     ]
     if args.vocab_size:
         o.append(f"data.vocab_size={args.vocab_size}")
+    if args.tied:
+        o.append("model.tie_embeddings=true")
     if args.block_size > 64:
         o.append(f"model.block_size={args.block_size}")
     return o
@@ -235,6 +247,9 @@ def child(args: argparse.Namespace) -> None:
         else:
             result = run_plain(args, out, nanogpt_style=args.side == "eager_ref")
     result["wall_s"] = time.perf_counter() - t0
+    from tunelab.allocator import active
+
+    result["malloc"] = active()
     print(json.dumps({"side": args.side, **result}), flush=True)
 
 
@@ -252,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
             for side in sides:
                 # a fresh Inductor cache per run: every side pays a cold compile, as a first run would
                 env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(cache) / f"inductor-{side}-{rep}")}
+                if side == "ours" and args.ours_malloc == "default":  # as `tunelab train` runs
+                    env = preload_env(env) or env
                 proc = subprocess.run(base + ["--side", side], capture_output=True, text=True, env=env)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
                 if proc.returncode != 0 or not lines:
@@ -271,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         final["ratio_vs_nanogpt_published_eager"] = ours / NANOGPT_EAGER_TOKENS_PER_S
     final["config"] = {"size": args.size, "steps": args.steps, "batch_size": args.batch_size,
                        "block_size": args.block_size, "device": args.device, "precision": args.precision,
-                       "compile": not args.no_compile, "repeats": args.repeats, "seed": args.seed, "load_avg_1m": os.getloadavg()[0]}  # fmt: skip
+                       "compile": not args.no_compile, "repeats": args.repeats, "seed": args.seed, "tied": args.tied, "load_avg_1m": os.getloadavg()[0]}  # fmt: skip
     print(json.dumps(final))
 
 

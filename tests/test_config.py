@@ -57,3 +57,17 @@ def test_import_path_model():
 
 def test_lr_auto_is_accepted():
     assert load_config(BASE, ["optim.lr=auto"]).optim.lr == "auto"
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_sampler_len_counts_without_building_and_matches_the_batches(drop_last):
+    from tunelab.data.base import ResumableBatchSampler
+
+    for n in (0, 1, 5, 12, 13, 101):
+        for bs in (1, 4, 12):
+            for ws in (1, 2, 3):
+                for rank in range(ws):
+                    s = ResumableBatchSampler(n, bs, seed=1, drop_last=drop_last, rank=rank, world_size=ws)
+                    batches = list(s)
+                    assert len(s) == len(batches), (n, bs, ws, rank)
+                    assert all(len(b) == bs for b in batches[:-1])

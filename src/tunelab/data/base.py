@@ -150,6 +150,10 @@ class ResumableBatchSampler(Sampler[list[int]]):
         yield from self._rank_batches()[self.start :]
 
     def __len__(self) -> int:
+        if type(self).epoch_batches is ResumableBatchSampler.epoch_batches:  # plain batching: count, don't build
+            full, rest = divmod(self.n, self.batch_size)
+            batches = full + (1 if rest and not self.drop_last else 0)
+            return batches // self.world_size if self.world_size > 1 else batches
         return len(self._rank_batches())
 
 
