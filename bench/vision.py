@@ -138,8 +138,14 @@ def run_side(side: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--steps", str(args.steps), "--batch-size",
            str(args.batch_size), "--image-size", str(args.image_size), "--num-workers", str(args.num_workers),
            "--seed", str(args.seed), "--device", args.device, "--warmup", str(args.warmup), "--threads", str(args.threads)]  # fmt: skip
+    if args.ours_malloc == "default" and side != "plain":  # ours runs on the malloc `tunelab train` picks
+        from tunelab.allocator import preload_env
+
+        env = preload_env() or dict(os.environ)
+    else:
+        env = dict(os.environ)
     t0 = time.time()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"side {side} failed (exit {proc.returncode})")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -161,6 +167,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads in each side (0: torch's default)")
     p.add_argument("--repeats", type=int, default=1, help="runs per side (alternating); the median is kept")
     p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    p.add_argument("--ours-malloc", choices=["default", "system"], default="default",
+                   help="tunelab's malloc (default: mimalloc on Linux, as `tunelab train` runs it); plain: glibc's")
     args = p.parse_args()
     if args.side:
         if args.threads:
@@ -168,6 +176,9 @@ def main() -> None:
 
             torch.set_num_threads(args.threads)
         result = side_plain(args) if args.side == "plain" else side_ours(args, args.side)
+        from tunelab.allocator import active
+
+        result["malloc"] = active()
         print(json.dumps(result))
         return
     sides = args.sides.split(",")
