@@ -230,7 +230,12 @@ def run_child(side: str, argv: list[str]) -> dict:
     """Run one side in a fresh interpreter; its last stdout line is its JSON result (peak RSS included,
     read by the child from its own rusage, so each side's figure is its own)."""
     cmd = [sys.executable, __file__, "--child", side, *argv]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    env = dict(os.environ)
+    if side.startswith("ours") and "--ours-malloc=system" not in argv:  # on the malloc `tunelab train` picks
+        from tunelab.allocator import preload_env
+
+        env = preload_env(env) or env
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"side {side} failed (exit {proc.returncode})")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -246,6 +251,8 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (GPU runs)")
     p.add_argument("--ours-overrides", nargs="*", default=[], help="extra key=value overrides for tunelab")
     p.add_argument("--threads", type=int, default=None, help="torch threads on every side (default: torch's)")
+    p.add_argument("--ours-malloc", choices=["default", "system"], default="default",
+                   help="tunelab's malloc (default: mimalloc on Linux, as `tunelab train` runs it); peers: glibc's")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -262,12 +269,16 @@ def main() -> None:
         }[args.child]
         result = fn()
         result["peak_rss_mb"] = __import__("resource").getrusage(0).ru_maxrss / 1024
+        from tunelab.allocator import active
+
+        result["malloc"] = active()
         print(json.dumps(result))
         return
 
     argv = [f"--n={args.n}", f"--max-length={args.max_length}", f"--batch-size={args.batch_size}"]
     argv += [f"--device={args.device}"] + (["--bf16"] if args.bf16 else [])
     argv += [f"--threads={args.threads}"] if args.threads else []
+    argv += [f"--ours-malloc={args.ours_malloc}"]
     if args.ours_overrides:
         argv += ["--ours-overrides", *args.ours_overrides]
     sides = args.sides.split(",")
