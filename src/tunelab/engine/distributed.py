@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -35,7 +36,16 @@ def init_distributed() -> DistInfo:
         if backend == "nccl":
             torch.cuda.set_device(local)
         dist.init_process_group(backend)
+        # Tear the group down before interpreter exit: left to C++ static destruction, the backend's
+        # threads can still be joinable and the process aborts ("terminate called without an active
+        # exception"), failing the job after training finished.
+        atexit.register(_destroy)
     return DistInfo(rank, local, world)
+
+
+def _destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
