@@ -87,19 +87,12 @@ def lora_config():
     )
 
 
-def active_malloc() -> str:
-    from tunelab.allocator import active
-
-    return active()
-
-
 def side_env(side: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str, str]:
     """Ours runs on the malloc `tunelab train` picks (tunelab.allocator: mimalloc on Linux); the TRL sides on
     the system's unless --peer-malloc mimalloc."""
     from tunelab.allocator import preload_env
 
     want = args.ours_malloc != "system" if side == "ours" else args.peer_malloc == "mimalloc"
-    env = {**env, "TUNELAB_MALLOC": "mimalloc" if want else "system"}
     return (preload_env(env) or env) if want else env
 
 
@@ -378,7 +371,9 @@ def run_side(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     out = run_ours(args) if args.side == "ours" else run_trl(args, tuned=args.side == "peer_tuned")
     out["peak_rss_mb_incl_eval"] = peak_rss_mb()
-    out["malloc"] = active_malloc()
+    from tunelab.allocator import active
+
+    out["malloc"] = active()
     print(json.dumps({"side": args.side, **out}), flush=True)
 
 

@@ -66,7 +66,6 @@ def reexec_with_mimalloc() -> None:
     env = preload_env()
     if env is None or active() == "mimalloc":
         return
-    env[ENV] = "mimalloc"
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, list(sys.orig_argv), env)
