@@ -93,6 +93,29 @@ def test_layer_groups_and_strategies():
     assert all(p.requires_grad for p in model.parameters()) and model.features[1].training
 
 
+def test_layer_groups_without_numbered_parents():
+    """Modules beside the blocks under one parent (BERT's pooler, Llama's final norm) form their own
+    group in model order, not the embeddings' group; the stem's modules merge into one group."""
+    import torchvision
+    from transformers import BertConfig, BertForSequenceClassification
+
+    bert = BertForSequenceClassification(
+        BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    )
+    groups = layer_groups(bert)
+    assert [g[0] for g in groups] == [
+        "bert.embeddings.word_embeddings.weight",
+        "bert.encoder.layer.0.attention.self.query.weight",
+        "bert.encoder.layer.1.attention.self.query.weight",
+        "bert.pooler.dense.weight",
+        "classifier.weight",
+    ]
+    assert all(n.startswith("bert.embeddings.") for n in groups[0])
+    resnet = layer_groups(torchvision.models.resnet18(num_classes=2))
+    assert resnet[0] == ["conv1.weight", "bn1.weight", "bn1.bias"] and len(resnet) == 10
+    assert resnet[1][0] == "layer1.0.conv1.weight" and resnet[-1] == ["fc.weight", "fc.bias"]
+
+
 def test_gradual_unfreeze_and_llrd():
     model = create_model("mlp", in_features=8, hidden=[8, 8], num_classes=2)
     base = {"model": {"name": "mlp"}, "data": {"name": "digits"}}

@@ -35,29 +35,44 @@ def head_patterns(model: nn.Module, head: list[str] | None) -> list[str]:
 
 def layer_groups(model: nn.Module, head: list[str] | None = None) -> list[list[str]]:
     """Parameter names grouped into layers, ordered from input to head. A model can define
-    `tunelab_layer_groups()`; otherwise a group is the name up to its first numeric part
-    (`encoder.layer.3`), or its top-level module (`conv1`, `layer2`). The head is the last group."""
+    `tunelab_layer_groups()`; otherwise a block is the name up to its first numeric part
+    (`bert.encoder.layer.3`, `layer2.0`, `features.4`), and every other parameter belongs to the first
+    module on its path that holds no block (`bert.embeddings`, `bert.pooler`, `conv1`). Non-block groups
+    before the first block merge into one stem group, those after the last block into one group under
+    the head (timm's stem / neck grouping). The head is the last group."""
     if hasattr(model, "tunelab_layer_groups"):
         return model.tunelab_layer_groups()
     heads = head_patterns(model, head)
-    order: list[str] = []
-    groups: dict[str, list[str]] = {}
+    keys: dict[str, tuple[str, bool]] = {}  # parameter name -> (group key, is a block)
     head_names: list[str] = []
     for name, _ in model.named_parameters():
         if any(fnmatch.fnmatch(name, p) for p in heads):
             head_names.append(name)
             continue
         parts = name.split(".")
-        key = parts[0]
-        for i, part in enumerate(parts[:-1]):
-            if part.isdigit():
-                key = ".".join(parts[: i + 1])
-                break
-        if key not in groups:
-            groups[key] = []
-            order.append(key)
-        groups[key].append(name)
-    out = [groups[k] for k in order]
+        digit = next((i for i, part in enumerate(parts[:-1]) if part.isdigit()), None)
+        keys[name] = (".".join(parts[: digit + 1]), True) if digit is not None else (name, False)
+    holders = {  # modules that contain a block: never a group of their own
+        ".".join(key.split(".")[:i]) for key, block in keys.values() if block for i in range(1, key.count(".") + 1)
+    }
+    groups: dict[tuple[str, bool], list[str]] = {}
+    for name, (key, block) in keys.items():
+        if not block:
+            parts = name.split(".")
+            i = next((i for i in range(1, len(parts)) if ".".join(parts[:i]) not in holders), len(parts))
+            key = ".".join(parts[:i])
+        groups.setdefault((key, block), []).append(name)
+    ordered = list(groups.items())
+    blocks = [i for i, ((_, block), _) in enumerate(ordered) if block]
+    out: list[list[str]] = []
+    if blocks:
+        first, last = blocks[0], blocks[-1]
+        stem = [n for _, names in ordered[:first] for n in names]
+        neck = [n for _, names in ordered[last + 1 :] for n in names]
+        out = [stem] + [names for _, names in ordered[first : last + 1]] + [neck]
+    else:
+        out = [names for _, names in ordered]
+    out = [g for g in out if g]
     if head_names:
         out.append(head_names)
     return out
