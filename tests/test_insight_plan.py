@@ -135,3 +135,23 @@ def test_train_auto_batch_key_keeps_the_recipe_batch_off_gpu_and_records_it(tmp_
     assert any("auto batch" in m and "micro-batch 32" in m for m in logs)
     saved = load_config(tmp_path / "run" / "config.yaml")
     assert saved.train.auto_batch is False and saved.train.batch_size == 32
+
+
+def test_plan_counts_what_checkpointed_decoder_layers_keep(smollm_gguf):
+    """SmolLM2 LoRA SFT: every decoder layer is found as a checkpointed block (by structure, not class
+    name), so checkpointing lowers the activation estimate but keeps each layer's input; selective
+    checkpointing keeps more than full checkpointing and less than none."""
+
+    def plan(mode: str):
+        cfg = load_config(
+            "recipes/smollm2-lora-alpaca.yaml",
+            [f"model.path={smollm_gguf}", f"model.gradient_checkpointing={mode}", "data.max_length=64"],
+        )
+        return make_plan(cfg, 24 * 2**30, log=lambda m: None, time_device=False)
+
+    off, full, selective = plan("false"), plan("true"), plan("selective")
+    assert "activation checkpointing" not in " ".join(off.notes)
+    assert any("activation checkpointing" in n for n in full.notes + selective.notes)
+    assert 0 < full.activations_bytes < selective.activations_bytes < off.activations_bytes
+    # at least the 30 layers' inputs: one fp32 hidden state (576 wide) per token per layer
+    assert full.activations_bytes >= 30 * full.micro_batch * full.seq_len * 576 * 4

@@ -277,7 +277,10 @@ def _checkpointed_extra(model: torch.nn.Module, task: Any, batch: dict[str, Any]
     import torch
 
     layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    blocks = [m for m in layers if type(m).__name__.endswith(("Layer", "Block"))]
+    # The checkpointed blocks are the innermost flagged modules: transformers also flags the model that
+    # holds the decoder layers.
+    flagged = {id(m) for m in layers}
+    blocks = [m for m in layers if not any(id(c) in flagged for c in m.modules() if c is not m)]
     if not blocks:
         return 0
     for m in layers:

@@ -42,12 +42,19 @@ def _policy(min_inner: int, ctx: Any, op: Any, *args: Any, **kwargs: Any):
 
 def selective_checkpoint_kwargs(min_inner: int = 128) -> dict[str, Any]:
     """Keyword arguments for `torch.utils.checkpoint.checkpoint` that save matmul and attention outputs."""
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    import inspect
 
-    return {
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    kwargs: dict[str, Any] = {
         "use_reentrant": False,
         "context_fn": functools.partial(create_selective_checkpoint_contexts, functools.partial(_policy, min_inner)),
     }
+    if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters:
+        # The outputs the policy keeps stay outside saved-tensor hooks (the plan's probe counts them
+        # separately, see insight/plan.py); torch >= 2.14 warns unless this is chosen explicitly.
+        kwargs["respect_saved_tensors_hooks"] = False
+    return kwargs
 
 
 def selective_policy(checkpoint_fn: Any) -> Any:
