@@ -238,8 +238,13 @@ class Trainer:
         if self.strategy is not None and hasattr(self.strategy, "on_train_mode"):
             self.strategy.on_train_mode(self.raw_model)
 
-    def _loader(self, dataset: Dataset, sampler: Sampler, seed: int) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: Sampler, seed: int, run_from: tuple[int, int] | None = None) -> DataLoader:
+        """A DataLoader over `sampler`'s batches. With `run_from=(epoch, batch)`, the training loader: every
+        epoch's batches from there on, one iterator for the run (`_RunBatches`). With workers, samples are
+        reseeded from (seed, epoch, index) so augmentation resumes exactly (`_SeededSamples`)."""
         workers = self.train_cfg.num_workers
+        if run_from is not None:
+            sampler = _RunBatches(sampler, len(dataset), *run_from, tag=workers > 0)
         return DataLoader(
             _SeededSamples(dataset, seed) if workers > 0 else dataset,
             batch_sampler=sampler,
@@ -489,10 +494,8 @@ class Trainer:
                      precision=str(self.autocast_dtype or "fp32"), malloc=allocator.active(),
                      **self.log_on_start)
         progress = self._progress_bar()
-        run_batches = _RunBatches(
-            sampler, len(self.train_data), self.epoch, self.batch_in_epoch, tag=cfg.num_workers > 0
-        )
-        it = iter(self._loader(self.train_data, run_batches, seed=cfg.seed))  # one iterator for the run
+        loader = self._loader(self.train_data, sampler, seed=cfg.seed, run_from=(self.epoch, self.batch_in_epoch))
+        it = iter(loader)  # one iterator for the run
         epoch_batches = len(sampler)
         self._set_train_mode()
         try:
