@@ -141,9 +141,11 @@ def run_plain(args: argparse.Namespace, out: Path, nanogpt_style: bool) -> dict:
     from tunelab.data.base import ResumableBatchSampler
     from tunelab.data.tokens import build as build_tokens
     from tunelab.models import create_model
+    from tunelab.run import fill_model_from_data
 
     cfg = load_config(RECIPE, overrides(args, out))
-    data = build_tokens(cfg)  # the same memmapped windows; also sets model.vocab_size from the tokenizer
+    data = build_tokens(cfg)  # the same memmapped windows
+    fill_model_from_data(cfg, data, log=lambda *a: None)  # model.vocab_size: the tokenizer's, as in a run
     device = torch.device(args.device)
     torch.manual_seed(cfg.train.seed)
     model = create_model("gpt", **cfg.model.kwargs).to(device)

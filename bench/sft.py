@@ -340,6 +340,20 @@ def acceptance(run_dir: Path) -> dict:
         kw["use_cache"] = False  # a KV cache would turn off HF's packed-sequence (block-diagonal) masking
         want = tuned(**kw).logits
         packed = (merged(**kw).logits - want).abs().max().item()
+        # The adapter model against itself: each example of those rows run alone vs inside its packed row.
+        # Both are the same fp32 model on the same tokens; only the batch layout (so the kernels' summation
+        # order) differs: the floor any reproduction of these logits in fp32 can reach.
+        self_diff, segments = 0.0, 0
+        for row in range(want.shape[0]):
+            pos = batch["position_ids"][row]
+            starts = (pos == 0).nonzero().flatten().tolist() + [len(pos)]
+            for s, e in zip(starts[:-1], starts[1:]):
+                ids = batch["input_ids"][row, s:e]
+                if (batch["labels"][row, s:e] == -100).all():
+                    continue  # the padding block at the row's end
+                alone = tuned(input_ids=ids[None]).logits[0]
+                self_diff = max(self_diff, (alone - want[row, s:e]).abs().max().item())
+                segments += 1
     tok = load_tokenizer(str(out))
     prompts = [
         "Give three tips for staying healthy.",
@@ -358,6 +372,8 @@ def acceptance(run_dir: Path) -> dict:
         "merged_fp32_vs_float64": merged_err,
         "merge_max_abs_diff_packed_rows": packed,
         "packed_logits_compared": int(want.numel()),
+        "adapter_packed_vs_alone": self_diff,  # the adapter model against itself, see above
+        "adapter_packed_vs_alone_examples": segments,
         "export_eos": [ended for _, ended in replies],
         "replies": [text for text, _ in replies],
     }

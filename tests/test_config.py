@@ -59,6 +59,22 @@ def test_lr_auto_is_accepted():
     assert load_config(BASE, ["optim.lr=auto"]).optim.lr == "auto"
 
 
+def test_model_settings_the_data_knows_are_filled_and_recorded():
+    from tunelab.run import build_run
+
+    logged = []
+    cfg = load_config(BASE, ["data.classes=[0,1,2]"])
+    run = build_run(cfg, log=logged.append)
+    assert run.model.fc.out_features == 3 and cfg.model.kwargs["num_classes"] == 3  # config.yaml records it
+    assert "from the data: model.num_classes=3" in logged
+    kept = load_config(BASE, ["data.classes=[0,1,2]", "model.num_classes=5"])  # the recipe's value wins
+    assert build_run(kept, log=lambda m: None).model.fc.out_features == 5
+    linear = load_config({"model": {"name": "torch.nn:Linear", "in_features": 64, "out_features": 3},
+                          "data": {"name": "digits", "flatten": True, "classes": [0, 1, 2]}})
+    build_run(linear, log=lambda m: None)
+    assert "num_classes" not in linear.model.kwargs  # only what the builder takes
+
+
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_sampler_len_counts_without_building_and_matches_the_batches(drop_last):
     from tunelab.data.base import ResumableBatchSampler

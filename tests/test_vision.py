@@ -172,12 +172,17 @@ def test_num_classes_mismatch(tmp_path):
     )
     with pytest.raises(ConfigError, match="model.num_classes` = 3.*2 classes.*num_classes: 2"):
         build_data(cfg)
-    cfg = _cfg({"name": "image_folder", "root": str(root)}, model={"name": "torchvision:resnet18"})
-    with pytest.raises(ConfigError, match="model.num_classes` is not set.*2 classes"):
-        build_data(cfg)
-    cfg = _cfg({"name": "image_folder", "root": str(root)}, task={"name": "image_classification"})
-    with pytest.raises(ConfigError, match="task.num_classes` is not set"):
-        build_data(cfg)
+    # unset, the head and the mixup task get the data's class count, and config.yaml records it
+    from tunelab.run import build_run
+
+    cfg = _cfg(
+        {"name": "image_folder", "root": str(root)},
+        model={"name": "torchvision:resnet18"},
+        task={"name": "image_classification", "mixup_alpha": 0.2},
+    )
+    run = build_run(cfg, log=lambda m: None)
+    assert run.model.fc.out_features == 2 and cfg.model.kwargs["num_classes"] == 2
+    assert run.task.num_classes == 2 and run.task.mixer.num_classes == 2
 
 
 def test_image_csv(tmp_path, hymenoptera):

@@ -23,7 +23,7 @@ from tunelab.data.base import DataBundle, build_data
 from tunelab.engine.checkpoint import atomic_write_text
 from tunelab.engine.trainer import Trainer
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.models import create_model, load_model_folder
+from tunelab.models import create_model, load_model_folder, resolve_builder
 from tunelab.strategies import Strategy, build_strategy
 from tunelab.tasks.base import Task, build_task
 from tunelab.weights import LoadReport, count_parameters, init_weights, load_pretrained
@@ -67,9 +67,31 @@ def build_task_from_config(cfg: RunConfig, data: DataBundle | None) -> Task:
     return build_task(name, loss=cfg.loss, **kwargs)
 
 
+def fill_model_from_data(cfg: RunConfig, data: DataBundle, log=print) -> None:
+    """Model settings the data knows (the class count, the tokenizer's vocabulary), written into `cfg.model`
+    when the model's builder takes them and the recipe leaves them out, so config.yaml records what was
+    built (as fastai's learners take `n_out` from the data)."""
+    import inspect
+
+    entry, implied = resolve_builder(cfg.model.name)
+    accepted = inspect.signature(entry.build).parameters
+    known = {"num_classes": data.num_classes, "num_labels": data.num_classes, "vocab_size": data.vocab_size}
+    filled = []
+    for key, value in known.items():
+        if value is None or key not in accepted or key in implied or cfg.model.kwargs.get(key) is not None:
+            continue
+        if key == "num_labels" and cfg.model.kwargs.get("id2label") is not None:
+            continue  # the recipe's id2label sets the count
+        setattr(cfg.model, key, value)
+        filled.append(f"model.{key}={value}")
+    if filled:
+        log(f"from the data: {' '.join(filled)}")
+
+
 def build_run(cfg: RunConfig, log=print) -> BuiltRun:
     seed_everything(cfg.train.seed)
     data = build_data(cfg)
+    fill_model_from_data(cfg, data, log)
     task = build_task_from_config(cfg, data)
     for split, ds in (("train", data.train), ("eval", data.eval)):
         if ds is not None:

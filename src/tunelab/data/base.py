@@ -32,6 +32,7 @@ class DataBundle:
     collate_fn: Callable[[list[Any]], dict[str, Any]] | None = None
     num_classes: int | None = None
     label_names: list[str] | None = None
+    vocab_size: int | None = None  # a token source's vocabulary (the model's embedding rows)
     # Per-example lengths of `train` (for length-grouped batching) and of `eval` (for sorted eval batches).
     train_lengths: Sequence[int] | None = None
     eval_lengths: Sequence[int] | None = None

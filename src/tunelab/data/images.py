@@ -335,24 +335,13 @@ def _subset(ds: ImageDataset, idx: list[int], transform: Callable) -> ImageDatas
 
 
 def _check_num_classes(cfg: RunConfig, classes: list[str], where: str) -> None:
-    """The model head and the task must have one output per class found in the data."""
-    needed = []
-    if cfg.model.name.startswith(("torchvision:", "timm:")):
-        needed.append("model")  # else the library's 1000-class ImageNet head would silently stay
-    if cfg.task.kwargs.get("name") == "image_classification":
-        needed.append("task")  # the run fills num_classes from the data only for `classification`
-    for section in needed:
-        if getattr(cfg, section).kwargs.get("num_classes") is None:
-            raise ConfigError(
-                f"`{section}.num_classes` is not set; {where} has {len(classes)} classes "
-                f"({', '.join(classes[:10])}): set {section}.num_classes: {len(classes)}"
-            )
+    """A recipe's `num_classes` must match the classes found in the data (unset, the run fills it)."""
     for section in ("model", "task"):
         n = getattr(cfg, section).kwargs.get("num_classes")
         if n is not None and n != len(classes):
             raise ConfigError(
                 f"`{section}.num_classes` = {n}, but {where} has {len(classes)} classes "
-                f"({', '.join(classes[:10])}); set {section}.num_classes: {len(classes)}"
+                f"({', '.join(classes[:10])}); set {section}.num_classes: {len(classes)} or leave it out"
             )
 
 

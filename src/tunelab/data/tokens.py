@@ -224,11 +224,8 @@ def build(cfg: RunConfig) -> DataBundle:
             f"tokens, shorter than one window ({need:,}); raise data.val_fraction, use a longer corpus, "
             "or set data.val_fraction=0"
         )
-    if cfg.model.name == "gpt" and cfg.model.kwargs.get("vocab_size") is None:
-        # The model's vocabulary is the tokenizer's: record it in the config (config.yaml shows it and
-        # `load_run` rebuilds the same model). run.build_run builds the model after the data.
-        cfg.model.vocab_size = tokenizer.vocab_size
-    elif cfg.model.kwargs.get("vocab_size") and cfg.model.kwargs["vocab_size"] < tokenizer.vocab_size:
+    # Unset, `model.vocab_size` becomes the tokenizer's (run.fill_model_from_data).
+    if cfg.model.kwargs.get("vocab_size") and cfg.model.kwargs["vocab_size"] < tokenizer.vocab_size:
         raise ConfigError(
             f"`model.vocab_size` = {cfg.model.kwargs['vocab_size']} is smaller than the tokenizer's "
             f"{tokenizer.vocab_size} tokens; remove model.vocab_size (it defaults to the tokenizer's) or raise it"
@@ -249,6 +246,7 @@ def build(cfg: RunConfig) -> DataBundle:
         eval=val,
         collate_fn=collate_windows,
         num_classes=tokenizer.vocab_size,
+        vocab_size=tokenizer.vocab_size,
         info={
             "vocab_size": tokenizer.vocab_size,
             "tokenizer": tokenizer.kind,
