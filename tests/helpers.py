@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, check: bool = True, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "tunelab.cli", *map(str, args)], cwd=REPO, capture_output=True,
+def run_cli(*args: str, check: bool = True, timeout: int = 600, env: dict | None = None,
+            cwd: Path = REPO) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "tunelab.cli", *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"tunelab {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr[-3000:]}")

@@ -2,9 +2,11 @@
 
 import re
 
+import pytest
 import torch
 
 from tests.helpers import REPO
+from tunelab.errors import TunelabError
 from tunelab.models import create_model
 from tunelab.weights import save_state_dict
 
@@ -21,3 +23,8 @@ def test_readme_api_example(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "fc.weight: checkpoint [5, 256] vs model [10, 256] (skipped)" in out
     assert "'accuracy':" in out and (tmp_path / "runs" / "api-demo" / "final" / "model.safetensors").is_file()
+    # Running it again does not mix two runs in one folder: a resume is `fit(resume=True)`.
+    before = (tmp_path / "runs" / "api-demo" / "metrics.jsonl").read_text()
+    with pytest.raises(TunelabError, match=r"holds a run.*fit\(resume=True\)"):
+        exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "runs" / "api-demo" / "metrics.jsonl").read_text() == before

@@ -203,7 +203,7 @@ def test_workers_resume_exactly_across_epoch_boundaries(tmp_path):
         })  # fmt: skip
         torch.manual_seed(0)
         model = torch.nn.Linear(6, 3)
-        trainer = Trainer(model, build_task("classification"), _Augmented(), None, config=cfg, output_dir=out)
+        trainer = Trainer(model, build_task("classification", num_classes=3), _Augmented(), None, config=cfg, output_dir=out)
         trainer.fit(resume=resume)
         return model, trainer
 

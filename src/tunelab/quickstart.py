@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import load_config
+from tunelab.engine.checkpoint import holds_trained_run
 from tunelab.engine.trainer import Trainer
-from tunelab.run import build_run, fit_run, prepare_output_dir, train
+from tunelab.errors import ConfigError
+from tunelab.run import build_run, fit_run, replaced_output_dir, train
 
 
 def _log(msg: str) -> None:
@@ -40,6 +42,10 @@ def recipe(output_dir: str, classes: list[int] | None, epochs: int, pretrained: 
 def quickstart(output: str = "runs/quickstart", overwrite: bool = False) -> dict[str, Any]:
     out = Path(output)
     pre_dir = out.parent / f"{out.name}-pretrain"
+    for folder in (pre_dir, out):
+        if not overwrite and folder.is_dir() and holds_trained_run(folder):
+            raise ConfigError(f"{folder} holds an earlier quickstart run: pass --overwrite to replace it, "
+                              "or --output DIR for a new one")
     # Steps 1-5 on digits 0-4: a pre-trained 5-class model
     _log("== pre-training a small CNN on digits 0-4")
     pre_cfg = load_config(recipe(str(pre_dir), [0, 1, 2, 3, 4], epochs=5, pretrained=None))
@@ -49,8 +55,8 @@ def quickstart(output: str = "runs/quickstart", overwrite: bool = False) -> dict
     # Steps 1-3 again for the 10-class model, loading the 5-class weights
     _log("== building a 10-class model and loading the pre-trained weights")
     cfg = load_config(recipe(str(out), None, epochs=10, pretrained=str(pre_dir / "final" / "model.safetensors")))
-    prepare_output_dir(cfg, resume=False, overwrite=overwrite)
-    run = build_run(cfg, log=_log)
+    with replaced_output_dir(cfg, resume=False, overwrite=overwrite):
+        run = build_run(cfg, log=_log)
     before = Trainer(run.model, run.task, run.data.train, run.data.eval, config=cfg).evaluate()["accuracy"]
     # Steps 4-6: fine-tune with SGD on all ten digits and evaluate on the held-out split
     _log("== fine-tuning on all ten digits")

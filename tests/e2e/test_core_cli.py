@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import REPO, assert_one_line_error, run_cli, same_weights
+from tunelab.errors import ConfigError
 
 DIGITS = "recipes/digits-cnn.yaml"
 QUIET = "output.progress=false"
@@ -178,8 +179,64 @@ def test_existing_run_is_never_overwritten(tmp_path):
     run_cli("train", DIGITS, f"output.dir={out}", "train.max_steps=5", QUIET)
     before = _tree_digest(out)
     proc = run_cli("train", DIGITS, f"output.dir={out}", "train.max_steps=5", QUIET, check=False)
-    assert_one_line_error(proc, "not empty", "--resume", "--overwrite")
+    assert_one_line_error(proc, "holds a run", "--resume", "--overwrite")
     assert _tree_digest(out) == before
+
+
+def test_overwrite_replaces_only_runs_and_only_once_the_new_one_builds(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run_cli("train", DIGITS, f"output.dir={out}", "train.max_steps=5", QUIET)
+    before = _tree_digest(out)
+    # the replacement's data is missing: the old run is put back untouched, nothing is left beside it
+    proc = run_cli("train", DIGITS, f"output.dir={out}", "data.name=mnist", "data.path=/nonexistent/mnist",
+                   QUIET, "--overwrite", check=False)
+    assert_one_line_error(proc, "/nonexistent/mnist")
+    assert _tree_digest(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    # a folder that is not a run is never deleted
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    proc = run_cli("train", DIGITS, f"output.dir={mine}", QUIET, "--overwrite", check=False)
+    assert_one_line_error(proc, "holds no tunelab run", "notes.txt")
+    assert (mine / "notes.txt").read_text() == "keep me"
+    # nor the current folder, or one that holds it
+    from tunelab.config import load_config
+    from tunelab.run import prepare_output_dir
+
+    monkeypatch.chdir(out / "final")
+    with pytest.raises(ConfigError, match="current folder or holds it"):
+        prepare_output_dir(load_config(REPO / DIGITS, [f"output.dir={out}"]), resume=False, overwrite=True)
+    assert _tree_digest(out) == before
+
+
+def test_a_start_that_never_trained_is_simply_rerun(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train", DIGITS, f"output.dir={out}", "train.max_steps=3", "model.num_classes=3", QUIET,
+                   check=False)
+    assert_one_line_error(proc, "the model outputs 3 scores", "task has 10 classes", "model.num_classes")
+    summary = json.loads((out / "summary.json").read_text())  # the failed start still says what happened
+    assert summary["status"] == "failed" and "outputs 3 scores" in summary["error"]
+    run_cli("train", DIGITS, f"output.dir={out}", "train.max_steps=3", QUIET)  # fixed: no --overwrite needed
+    events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("start") == 1 and events[-1] == "end"  # a fresh log, not appended to the failed one
+
+
+def test_run_folder_works_from_any_folder_and_resume_reports_changes(tmp_path):
+    out = tmp_path / "mnist"
+    over = [f"output.dir={out}", "train.max_steps=6", "train.checkpoint_every=3", "train.batch_size=16", QUIET]
+    run_cli("train", "recipes/mnist-linear.yaml", *over)
+    saved = (out / "config.yaml").read_text()
+    assert f"path: {os.path.abspath(REPO / '../shared/data/mnist')}" in saved  # absolute in the run's config
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    metrics = json.loads(run_cli("eval", out, cwd=elsewhere).stdout.strip().splitlines()[-1])
+    assert metrics["accuracy"] > 0.1
+    proc = run_cli("train", "recipes/mnist-linear.yaml", *over, "train.max_steps=8", "optim.lr=0.02", "--resume",
+                   "--debug")  # --debug after the subcommand is accepted
+    assert "resuming with changed settings" in proc.stderr and "optim.lr: 0.01 -> 0.02" in proc.stderr
+    resumes = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+               if json.loads(line)["event"] == "resume"]
+    assert resumes[-1]["changed"]["optim.lr"] == [0.01, 0.02] and resumes[-1]["step"] == 6
 
 
 @pytest.mark.parametrize(

@@ -115,6 +115,22 @@ def verify_folder(folder: Path) -> None:
 # -- RNG state in weights-only-loadable form ---------------------------------------------------------------
 
 
+def holds_trained_run(out: Path) -> bool:
+    """Whether folder `out` holds a run that trained: a checkpoint, final/, a logged training step, or a
+    summary past step 0. A start that failed before its first step (or lr-find output) does not count."""
+    if (out / "final").exists():
+        return True
+    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        return True
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and any('"event": "train"' in line for line in metrics.read_text(errors="replace").splitlines()):
+        return True
+    try:
+        return json.loads((out / "summary.json").read_text()).get("global_step", 0) > 0
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {

@@ -42,6 +42,7 @@ from tunelab.engine.callbacks import Callback, EarlyStopping, is_better
 from tunelab.engine.checkpoint import (
     CheckpointManager,
     atomic_write_text,
+    holds_trained_run,
     rng_state,
     set_rng_state,
     torch_load,
@@ -210,6 +211,7 @@ class Trainer:
         self._metrics_file = None
         self._tb = None
         self.log_on_start: dict[str, Any] = {}
+        self.log_on_resume: dict[str, Any] = {}  # e.g. the settings a resume changed (run.fit_run)
 
     # -- small helpers ------------------------------------------------------------------------------------
     @property
@@ -434,6 +436,11 @@ class Trainer:
         if self.output_dir is None:
             raise ConfigError("the Trainer needs an output_dir")
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if not resume and self.is_main and holds_trained_run(self.output_dir):
+            raise TunelabError(
+                f"{self.output_dir}: holds a run (checkpoints, final/ or logged steps); fit(resume=True) "
+                "continues it; to start afresh, pick another output_dir or remove that one"
+            )
         torch.manual_seed(cfg.seed)
         self._params = [p for p in self.raw_model.parameters()]
         self.optimizer = build_optimizer(self.raw_model, self.optim_cfg, self.lr_scales, self.device)
@@ -464,8 +471,14 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         if self.is_main:
-            self._metrics_file = open(self.output_dir / "metrics.jsonl", "a")
+            # a fresh run starts its own log (a folder reused after a start that never trained keeps nothing)
+            self._metrics_file = open(self.output_dir / "metrics.jsonl", "a" if resume else "w")
             self._tb = self._tensorboard()
+            if resume:
+                self.log("resume", **self.log_on_resume)
+                if self.global_step >= self.total_steps:
+                    print(f"warning: nothing left to train: the checkpoint is at step {self.global_step} and "
+                          f"the run has {self.total_steps} steps", file=sys.stderr)
         return self._run(sampler, steps_per_epoch)
 
     def _tensorboard(self):
@@ -514,10 +527,14 @@ class Trainer:
                     loss_sum, n = self._optimizer_step(micro)
                     self.global_step += 1
                     if not torch.isfinite(loss_sum):
+                        kept = [name for name, there in (
+                            ("the last checkpoint", bool(self._ckpt.steps())),
+                            ("best/", (self.output_dir / "best").is_dir())) if there]
                         raise TrainingDiverged(
                             f"loss became {float(loss_sum)} at step {self.global_step}: the learning rate is "
-                            f"likely too high (lower optim.lr, add warmup or train.clip_grad_norm); "
-                            f"the last good checkpoint and best/ are kept", self.global_step)
+                            f"likely too high (lower optim.lr, add warmup or train.clip_grad_norm)"
+                            + (f"; {' and '.join(kept)} {'are' if len(kept) > 1 else 'is'} kept" if kept else ""),
+                            self.global_step)
                     n_samples = sum(self.task.batch_size(b) for b in micro)
                     n_tokens = [self.task.count_tokens(b) for b in micro]
                     has_tokens = has_tokens or n_tokens[0] is not None
@@ -549,6 +566,18 @@ class Trainer:
         except TrainingDiverged as e:
             status, error = "failed", str(e)
             self.log("diverged", message=str(e))
+        except (Exception, KeyboardInterrupt) as e:
+            # Any other stop: summary.json and the report still say how far the run got, then it propagates.
+            if progress is not None:
+                progress.close()
+                progress = None
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            try:
+                self._finish(status, str(e) or type(e).__name__, start_wall, train_time, samples,
+                             tokens if has_tokens else None)
+            except Exception as inner:  # never hide the original error behind a reporting one
+                print(f"warning: could not write the run summary: {inner}", file=sys.stderr)
+            raise
         finally:
             if progress is not None:
                 progress.close()
@@ -636,7 +665,7 @@ class Trainer:
         restored = False
         for cb in self.callbacks:
             restored = bool(cb.on_train_end(self)) or restored  # e.g. early stopping restores best weights
-        if status != "failed" and self.eval_data is not None:
+        if status not in ("failed", "interrupted") and self.eval_data is not None:
             if restored:
                 self.last_eval = {"step": self.global_step, **self.evaluate()}
                 self.log("eval", restored_best=True, **{k: v for k, v in self.last_eval.items() if k != "step"})
@@ -662,7 +691,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_fit_end(self, summary)
         if self.is_main:
-            if status != "failed":
+            if status not in ("failed", "interrupted"):
                 self.save_model("final")
             self.log("end", **{k: v for k, v in summary.items() if k not in ("metrics", "best")})
             atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2, default=float))

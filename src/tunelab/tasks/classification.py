@@ -75,6 +75,12 @@ class ClassificationTask(Task):
         return w[labels[keep]].sum()
 
     def loss_sum(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if outputs.shape[-1] != self.num_classes:
+            raise ConfigError(
+                f"the model outputs {outputs.shape[-1]} scores per example but the task has {self.num_classes} "
+                f"classes: set model.num_classes (or num_labels) to {self.num_classes}, or leave it out to "
+                "take it from the data"
+            )
         return F.cross_entropy(
             outputs.float(),
             batch["labels"],
