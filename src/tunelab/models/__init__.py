@@ -29,13 +29,15 @@ class ModelEntry:
     # Optional: write a self-describing folder (e.g. a Hugging Face folder) / rebuild from it.
     save: Callable[[nn.Module, Path, dict[str, Any]], None] | None = None
     load: Callable[[Path, dict[str, Any]], nn.Module] | None = None
+    # `save`/`load` keep a peft adapter as an adapter (final/ = PEFT folder); else LoRA is merged on save
+    adapters: bool = False
 
 
-def register_model(name: str, save=None, load=None):
+def register_model(name: str, save=None, load=None, adapters: bool = False):
     """Decorator: register a builder `fn(**kwargs) -> nn.Module` under `name`."""
 
     def deco(fn):
-        MODELS.register(name, ModelEntry(fn, save, load))
+        MODELS.register(name, ModelEntry(fn, save, load, adapters))
         return fn
 
     return deco
@@ -82,6 +84,14 @@ def save_model_folder(model: nn.Module, folder: Path, spec: dict[str, Any]) -> N
 
     folder.mkdir(parents=True, exist_ok=True)
     entry, _ = resolve_builder(spec["name"])
+    if not entry.adapters and hasattr(model, "peft_config"):
+        # LoRA on a model whose folder format has no adapters (a classifier, a CNN): save the merged model,
+        # a plain folder that every tool loads; the training model keeps its adapters.
+        import copy
+
+        from tunelab.export import merge_lora
+
+        model = merge_lora(copy.deepcopy(unwrap_model(model)))
     if entry.save is not None:
         entry.save(model, folder, spec)
     else:

@@ -226,7 +226,7 @@ def load_causal_lm(folder: Path, spec: dict[str, Any]) -> nn.Module:
     return model
 
 
-register_model("hf_causal_lm", save=save_causal_lm, load=load_causal_lm)(hf_causal_lm)
+register_model("hf_causal_lm", save=save_causal_lm, load=load_causal_lm, adapters=True)(hf_causal_lm)
 
 
 # -- generation ------------------------------------------------------------------------------------------

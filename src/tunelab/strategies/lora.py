@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from tunelab.errors import ConfigError
 from tunelab.registry import STRATEGIES
-from tunelab.strategies import Strategy
+from tunelab.strategies import Strategy, head_patterns
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -80,6 +80,17 @@ class LoRA(Strategy):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         task_type = "CAUSAL_LM" if hasattr(model, "generate") and hasattr(model, "config") else None
         config = self.lora_config(task_type)
+        if task_type is None:
+            # A classifier or any other model: its head (new, task-specific) trains in full and is saved with
+            # the adapters (peft's modules_to_save, as task_type SEQ_CLS does for `classifier`/`score`).
+            heads = [p[: -len(".*")] for p in head_patterns(model, None) if p.endswith(".*")]
+            present = {n for n, _ in model.named_modules()}
+            named = set(self.target_modules) if isinstance(self.target_modules, (list, tuple)) else set()
+            # a head the recipe itself targets with LoRA stays an adapter target
+            heads = [h for h in heads if h in present and h not in named and h.rsplit(".", 1)[-1] not in named]
+            if heads:
+                config.modules_to_save = list(dict.fromkeys((self.modules_to_save or []) + heads))
+                config.exclude_modules = heads
         try:
             peft_model = get_peft_model(model, config)
         except ValueError as e:
