@@ -105,6 +105,9 @@ class TrainSection(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
     log_every: int = Field(10, gt=0)
+    # Resumable checkpoints: every N optimizer steps, else at the end of each epoch; both also at the end
+    # of the run (so a finished run can be extended with --resume). `checkpoints: false` writes none.
+    checkpoints: bool = True
     checkpoint_every: int | None = Field(None, gt=0)
     keep_last: int = Field(2, gt=0)
     seed: int = 0
@@ -266,8 +269,9 @@ def load_config(
         raise ConfigError(format_validation_error(e, label)) from e
 
 
-def check_kwargs(fn: Any, kwargs: dict[str, Any], where: str) -> None:
-    """Raise a ConfigError naming the key when `kwargs` has a key that `fn` does not accept."""
+def check_kwargs(fn: Any, kwargs: dict[str, Any], where: str, internal: tuple[str, ...] = ()) -> None:
+    """Raise a ConfigError naming the key when `kwargs` has a key that `fn` does not accept. `internal`
+    names parameters the caller fills itself: never config keys, never listed."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -275,9 +279,10 @@ def check_kwargs(fn: Any, kwargs: dict[str, Any], where: str) -> None:
     params = sig.parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
+    hidden = {"self", *internal}
     for key in kwargs:
-        if key not in params:
-            names = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+        if key not in params or key in hidden:
+            names = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL and n not in hidden]
             raise ConfigError(
                 f"unknown key `{where}.{key}`{did_you_mean(key, names)}; accepted: {', '.join(names)}"
             )

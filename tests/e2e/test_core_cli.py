@@ -216,6 +216,7 @@ def test_a_start_that_never_trained_is_simply_rerun(tmp_path):
     assert_one_line_error(proc, "the model outputs 3 scores", "task has 10 classes", "model.num_classes")
     summary = json.loads((out / "summary.json").read_text())  # the failed start still says what happened
     assert summary["status"] == "failed" and "outputs 3 scores" in summary["error"]
+    assert not any(d["kind"] == "divergence" for d in summary.get("diagnoses", []))  # not a NaN: no such advice
     run_cli("train", DIGITS, f"output.dir={out}", "train.max_steps=3", QUIET)  # fixed: no --overwrite needed
     events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert events.count("start") == 1 and events[-1] == "end"  # a fresh log, not appended to the failed one
@@ -223,7 +224,7 @@ def test_a_start_that_never_trained_is_simply_rerun(tmp_path):
 
 def test_run_folder_works_from_any_folder_and_resume_reports_changes(tmp_path):
     out = tmp_path / "mnist"
-    over = [f"output.dir={out}", "train.max_steps=6", "train.checkpoint_every=3", "train.batch_size=16", QUIET]
+    over = [f"output.dir={out}", "train.max_steps=6", "train.batch_size=16", QUIET]  # default checkpoints
     run_cli("train", "recipes/mnist-linear.yaml", *over)
     saved = (out / "config.yaml").read_text()
     assert f"path: {os.path.abspath(REPO / '../shared/data/mnist')}" in saved  # absolute in the run's config
@@ -236,7 +237,8 @@ def test_run_folder_works_from_any_folder_and_resume_reports_changes(tmp_path):
     assert "resuming with changed settings" in proc.stderr and "optim.lr: 0.01 -> 0.02" in proc.stderr
     resumes = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
                if json.loads(line)["event"] == "resume"]
-    assert resumes[-1]["changed"]["optim.lr"] == [0.01, 0.02] and resumes[-1]["step"] == 6
+    assert resumes[-1]["changed"]["optim.lr"] == [0.01, 0.02] and resumes[-1]["step"] == 6  # the end checkpoint
+    assert json.loads((out / "summary.json").read_text())["global_step"] == 8
 
 
 @pytest.mark.parametrize(
@@ -249,6 +251,7 @@ def test_run_folder_works_from_any_folder_and_resume_reports_changes(tmp_path):
         (["data.classes=[]"], ["empty"]),
         (["data.name=mnist", "data.path=/nonexistent/mnist"], ["/nonexistent/mnist", "not found"]),
         (["model.widht=3"], ["unknown key `model.widht`", "did you mean `width`"]),
+        (["task.loss=x"], ["`task.loss` is not a task setting", "loss: {name"]),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, overrides, fragments):

@@ -212,6 +212,7 @@ class Trainer:
         self._tb = None
         self.log_on_start: dict[str, Any] = {}
         self.log_on_resume: dict[str, Any] = {}  # e.g. the settings a resume changed (run.fit_run)
+        self.diverged = False  # the run stopped on a non-finite loss (the doctor's divergence check)
 
     # -- small helpers ------------------------------------------------------------------------------------
     @property
@@ -435,6 +436,9 @@ class Trainer:
             raise DataError("the training dataset is empty")
         if self.output_dir is None:
             raise ConfigError("the Trainer needs an output_dir")
+        for split, ds in (("train", self.train_data), ("eval", self.eval_data)):
+            if ds is not None:
+                self.task.check_dataset(ds, split)  # labels outside the task's classes: one clear error
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if not resume and self.is_main and holds_trained_run(self.output_dir):
             raise TunelabError(
@@ -459,7 +463,11 @@ class Trainer:
         if resume:
             path = self._ckpt.latest_valid(warn=lambda m: print(f"warning: {m}", file=sys.stderr))
             if path is None:
-                raise TunelabError(f"{self.output_dir}: --resume found no valid checkpoint to resume from")
+                raise TunelabError(
+                    f"{self.output_dir}: no valid checkpoint to resume from (checkpoints are written every "
+                    "train.checkpoint_every steps, else at each epoch end, and at the end of the run; "
+                    "this run stopped before its first one or had train.checkpoints=false)"
+                )
             self._resume_from(path)
             if self.is_main:
                 self._truncate_metrics()
@@ -552,7 +560,7 @@ class Trainer:
                         self.global_step % self.eval_cfg.every == 0
                     ):
                         self._evaluate_and_track()
-                    if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
+                    if cfg.checkpoints and cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
                         self.save_checkpoint()
                     if self.should_stop:
                         break
@@ -563,8 +571,13 @@ class Trainer:
                 self.batch_in_epoch = 0
                 if self.eval_data is not None and eval_each_epoch and not self._done():
                     self._evaluate_and_track()
+                if cfg.checkpoints and not cfg.checkpoint_every and not self._done():
+                    self.save_checkpoint()  # after the epoch's eval, so a resume keeps its best/ tracking
+            if cfg.checkpoints and self._ckpt.steps()[-1:] != [self.global_step]:
+                self.save_checkpoint()  # the end state: `--resume` with a larger max_steps extends the run
         except TrainingDiverged as e:
             status, error = "failed", str(e)
+            self.diverged = True
             self.log("diverged", message=str(e))
         except (Exception, KeyboardInterrupt) as e:
             # Any other stop: summary.json and the report still say how far the run got, then it propagates.
