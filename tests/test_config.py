@@ -50,6 +50,16 @@ def test_model_kwargs_checked_against_builder():
         create_model("cnn", num_clases=3)
 
 
+def test_unknown_keys_list_only_config_keys():
+    from tunelab.tasks.base import build_task
+    from tunelab.weights import init_weights
+
+    with pytest.raises(ConfigError, match=r"`task.num_class`.*accepted: num_classes, labels$"):
+        build_task("classification", num_class=3)
+    with pytest.raises(ConfigError, match=r"`init.sd`.*did you mean `std`.*accepted: mean, std$"):
+        init_weights(create_model("cnn"), "normal", sd=0.1)
+
+
 def test_import_path_model():
     model = create_model("torch.nn:Linear", in_features=3, out_features=2)
     assert model.weight.shape == (2, 3)

@@ -77,3 +77,22 @@ def test_doctor_and_report_see_the_overfitting_that_early_stopping_cut(stopped_r
     assert "overfitting" in [r["kind"] for r in records if r["event"] == "diagnosis"]
     html = (out / "report.html").read_text()
     assert "restored best weights" in html and "early stopping" in html
+    # the summary table describes the restored model: its validation loss, not the discarded last one's
+    best_loss = summary["metrics"]["loss"]
+    row = html.split("final validation loss (restored weights of step")[1].split("</tr>")[0]
+    assert f"{best_loss:.4g}" in row
+
+
+def test_trainer_checks_labels_and_output_shapes_from_python(tmp_path):
+    from tunelab.errors import ConfigError, DataError
+    from tunelab.tasks.regression import RegressionTask
+
+    labels = TensorDataset(torch.randn(16, 16), torch.tensor([0, 3] * 8))
+    with pytest.raises(DataError, match="label 3 is outside \\[0, 2\\)"):
+        Trainer(nn.Linear(16, 2), ClassificationTask(num_classes=2), labels, output_dir=tmp_path / "a").fit()
+    with pytest.raises(ConfigError, match="outputs 4 scores.*2 classes.*build_task\\(num_classes"):
+        zeros = TensorDataset(torch.randn(16, 16), torch.zeros(16, dtype=torch.long))
+        Trainer(nn.Linear(16, 4), ClassificationTask(num_classes=2), zeros, output_dir=tmp_path / "b").fit()
+    values = TensorDataset(torch.randn(16, 16), torch.randn(16))
+    with pytest.raises(ConfigError, match="outputs shape \\(16, 3\\).*targets are \\(16,\\)"):
+        Trainer(nn.Linear(16, 3), RegressionTask(), values, output_dir=tmp_path / "c").fit()

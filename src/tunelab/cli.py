@@ -66,6 +66,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                                  rename=cfg.pretrained.rename, strict=False)
         print()
         print(report.table())
+        import fnmatch
+
+        left = [k for k in report.missing + [m[0] for m in report.mismatched]
+                if not any(fnmatch.fnmatch(k, p) for p in cfg.pretrained.allow_missing)]
+        if left and cfg.pretrained.strict:
+            print(f"\nA training run would refuse this load: {len(left)} model tensors would stay uninitialised "
+                  f"({', '.join(left[:3])}{' ...' if len(left) > 3 else ''}); allow them with "
+                  "pretrained.allow_missing=[...] or set pretrained.strict=false")
     return 0
 
 
@@ -233,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tunelab inspect ... | head`: the reader left; exit quietly like other tools
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

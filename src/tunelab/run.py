@@ -62,6 +62,9 @@ def build_task_from_config(cfg: RunConfig, data: DataBundle | None) -> Task:
 
     kwargs = dict(cfg.task.kwargs)
     name = kwargs.pop("name")
+    if "loss" in kwargs:
+        raise ConfigError("`task.loss` is not a task setting: the loss has its own section, e.g. "
+                          "loss: {name: cross_entropy, label_smoothing: 0.1}")
     accepted = inspect.signature(TASKS.get(name).__init__).parameters
     if data is not None:  # the data source knows the classes when the recipe does not say
         if "num_classes" in accepted and "num_classes" not in kwargs and data.num_classes:

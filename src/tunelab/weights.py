@@ -105,7 +105,7 @@ def init_weights(
         raise ConfigError(f"`init.scheme` = {scheme!r} needs a model that defines tunelab_init (e.g. `gpt`)")
     from tunelab.config import check_kwargs
 
-    check_kwargs(fn, {"w": None, **kwargs}, "init")
+    check_kwargs(fn, kwargs, "init", internal=("w",))  # w: the tensor, passed by init_weights
     patterns = list(modules) if modules else None
     for name, module in model.named_modules():
         if patterns and not any(fnmatch.fnmatch(name, p) for p in patterns):

@@ -449,7 +449,7 @@ class Doctor(Callback):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        if summary.get("status") == "failed":
+        if summary.get("status") == "failed" and trainer.diverged:
             self._report(
                 trainer,
                 check_divergence(

@@ -424,15 +424,24 @@ def summary_rows(run: RunData) -> list[tuple[str, Any]]:
     rows.append(("peak RSS (MB)", s.get("peak_rss_mb")))
     if s.get("peak_gpu_mb"):
         rows.append(("peak GPU memory (MB)", s.get("peak_gpu_mb")))
-    train_loss = run.series("train", "loss")[1]
+    train_steps, train_loss = run.series("train", "loss")
     evals = [r for r in run.events("eval") if _scalar(r.get("loss")) and not r.get("restored_best")]
+    restored = [r for r in run.events("restored_best") if r.get("step_restored") is not None]
+    val_loss = evals[-1]["loss"] if evals else None
+    if restored:  # the final model is the restored one: its loss and the training loss logged up to its step
+        step = restored[-1]["step_restored"]
+        again = [r for r in run.events("eval") if r.get("restored_best") and _scalar(r.get("loss"))]
+        at_step = [r["loss"] for r in evals if r.get("step") == step]
+        val_loss = again[-1]["loss"] if again else (at_step[-1] if at_step else None)
+        kept = [y for x, y in zip(train_steps, train_loss) if x <= step]
+        train_loss = kept or train_loss[:1]
+    suffix = f" (restored weights of step {restored[-1]['step_restored']})" if restored else ""
     if train_loss:
-        rows.append(("final train loss (last log)", train_loss[-1]))
-    if evals:
-        rows.append(("final validation loss", evals[-1]["loss"]))
-    if train_loss and evals:
-        gap = evals[-1]["loss"] - train_loss[-1]
-        rows.append(("generalisation gap (validation - train loss)", gap))
+        rows.append((f"final train loss (last log){suffix}", train_loss[-1]))
+    if val_loss is not None:
+        rows.append((f"final validation loss{suffix}", val_loss))
+    if train_loss and val_loss is not None:
+        rows.append(("generalisation gap (validation - train loss)", val_loss - train_loss[-1]))
     metrics = s.get("metrics") or {}
     for k, v in metrics.items():
         if _scalar(v) and k != "loss":  # the final loss is the validation loss above

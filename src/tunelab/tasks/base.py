@@ -121,5 +121,5 @@ def register_task(name: str):
 
 def build_task(name: str, loss: LossSection | None = None, **kwargs: Any) -> Task:
     cls = TASKS.get(name)
-    check_kwargs(cls.__init__, kwargs, "task")
+    check_kwargs(cls.__init__, kwargs, "task", internal=("loss",))
     return cls(loss=loss, **kwargs)

@@ -79,7 +79,7 @@ class ClassificationTask(Task):
             raise ConfigError(
                 f"the model outputs {outputs.shape[-1]} scores per example but the task has {self.num_classes} "
                 f"classes: set model.num_classes (or num_labels) to {self.num_classes}, or leave it out to "
-                "take it from the data"
+                "take it from the data (from Python: size the model's last layer, or build_task(num_classes=...))"
             )
         return F.cross_entropy(
             outputs.float(),
@@ -137,6 +137,11 @@ class MultilabelTask(Task):
         return torch.tensor(float(batch["labels"].numel()))
 
     def loss_sum(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if outputs.shape != batch["labels"].shape:
+            raise ConfigError(
+                f"the model outputs shape {tuple(outputs.shape)} but the multi-label targets are "
+                f"{tuple(batch['labels'].shape)}: one score per label (task.num_labels = {self.num_labels})"
+            )
         pw = self.pos_weight.to(outputs.device) if self.pos_weight is not None else None
         return F.binary_cross_entropy_with_logits(
             outputs.float(), batch["labels"].float(), pos_weight=pw, reduction="sum"

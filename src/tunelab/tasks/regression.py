@@ -31,6 +31,11 @@ class RegressionTask(Task):
 
     def _shape(self, outputs: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         target = batch["labels"].float()
+        if outputs.numel() != target.numel():
+            raise ConfigError(
+                f"the model outputs shape {tuple(outputs.shape)} but the regression targets are "
+                f"{tuple(target.shape)}: one output per target value (task.num_outputs = {self.num_outputs})"
+            )
         return outputs.float().reshape(target.shape), target
 
     def count_targets(self, batch: Batch) -> torch.Tensor:
