@@ -100,3 +100,15 @@ def test_accumulation_normalises_by_total_target_count(tmp_path):
     (sum(means) / 2).backward()
     mean_of_means = w0 - 1.0 * model.weight.grad
     assert not torch.allclose(big, mean_of_means, atol=1e-4)
+
+
+def test_one_warmup_setting_and_a_warning_when_it_covers_the_run(capsys):
+    from tunelab.config import load_config
+
+    base = {"model": {"name": "cnn"}, "data": {"name": "digits"}}
+    with pytest.raises(ConfigError, match="set one of schedule.warmup_steps and schedule.warmup_ratio"):
+        load_config({**base, "schedule": {"name": "cosine", "warmup_steps": 5, "warmup_ratio": 0.1}})
+    with pytest.raises(ConfigError, match="onecycle` has its own warm-up"):
+        load_config({**base, "schedule": {"name": "onecycle", "warmup_steps": 5}})
+    lr_lambda(ScheduleSection(name="cosine", warmup_steps=100), 6)
+    assert "the warm-up (100 steps) covers the whole run (6 steps)" in capsys.readouterr().err

@@ -96,11 +96,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if out.suffix == ".csv":
             import csv
 
+            def flat(r: dict) -> dict:  # one column per class: prob_<name>, as text predictions have
+                out: dict = {}
+                for k, v in r.items():
+                    if isinstance(v, dict):
+                        out.update({f"{'prob' if k == 'probabilities' else k}_{name}": p for name, p in v.items()})
+                    else:
+                        out[k] = json.dumps(v) if isinstance(v, list) else v
+                return out
+
+            table = [flat(r) for r in rows]
+            fields = list(dict.fromkeys(k for r in table for k in r)) or ["label"]
             with open(out, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["label"])
+                writer = csv.DictWriter(f, fieldnames=fields)
                 writer.writeheader()
-                for r in rows:
-                    writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()})
+                writer.writerows(table)
         else:
             out.write_text("".join(json.dumps(r, default=float) + "\n" for r in rows))
         print(f"wrote {len(rows)} predictions to {out}", file=sys.stderr)

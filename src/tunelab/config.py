@@ -92,6 +92,14 @@ class ScheduleSection(Section):
     gamma: float = Field(0.1, gt=0)
     pct_start: float = Field(0.3, gt=0, lt=1)  # `onecycle`
 
+    @model_validator(mode="after")
+    def _one_warmup(self) -> ScheduleSection:
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("set one of schedule.warmup_steps and schedule.warmup_ratio, not both")
+        if self.name == "onecycle" and (self.warmup_steps or self.warmup_ratio):
+            raise ValueError("`onecycle` has its own warm-up (schedule.pct_start); drop warmup_steps/warmup_ratio")
+        return self
+
 
 class TrainSection(Section):
     epochs: int | None = Field(None, gt=0)

@@ -94,6 +94,11 @@ def build_optimizer(
 def lr_lambda(cfg: ScheduleSection, total_steps: int) -> Callable[[int], float]:
     """Multiplier of the base LR at optimizer step `s` (0-based), warmup included."""
     warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
+    if warmup >= total_steps:
+        import sys
+
+        print(f"warning: the warm-up ({warmup} steps) covers the whole run ({total_steps} steps): the learning "
+              "rate never reaches optim.lr; lower schedule.warmup_steps", file=sys.stderr)
     floor = cfg.min_lr_ratio
     decay_steps = max(1, total_steps - warmup)
 

@@ -9,6 +9,7 @@ confusion matrix and predictions; `tunelab predict` labels images from the run.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -127,6 +128,12 @@ def test_predict_images(finetuned, capsys):
     for r in rows:
         assert r["label"] in ("ants", "bees")
         assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    table = run_dir.parent / "predictions.csv"  # one column per class, as text predictions have
+    assert main(["predict", str(run_dir), "--image", *paths, "--output", str(table)]) == 0
+    with open(table, newline="") as f:
+        read = list(csv.DictReader(f))
+    assert [r["image"] for r in read] == paths and {"prob_ants", "prob_bees"} <= set(read[0])
+    assert float(read[0]["prob_ants"]) == pytest.approx(rows[0]["probabilities"]["ants"])
 
 
 def test_mismatched_num_classes_is_a_clear_cli_error(tmp_path, shared_data, capsys):
