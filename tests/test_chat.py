@@ -96,6 +96,19 @@ def test_bad_records_name_the_index(tokenizer, alpaca):
         encode_records(chat, enc, "chat", 256, "chat.jsonl")
 
 
+def test_bad_record_index_is_the_files_with_a_held_out_split(tmp_path, alpaca, smollm_gguf):
+    """The held-out split takes records out before encoding; errors still name the file's record index."""
+    recs = copy.deepcopy(alpaca[:20])
+    del recs[17]["output"]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(recs))
+    cfg = load_config({"model": {"name": "hf_causal_lm", "path": str(smollm_gguf)},
+                       "data": {"name": "instruct", "path": str(path), "eval_size": 0.25},
+                       "task": {"name": "causal_lm"}})
+    with pytest.raises(DataError, match="record 17 has no string `output`"):
+        build_instruct(cfg)
+
+
 def test_truncation_is_counted_and_all_too_long_is_an_error(tokenizer, alpaca):
     enc = Encoder(tokenizer, "chat")
     examples, counts, _ = encode_records(alpaca[:50], enc, "alpaca", 80, "f")

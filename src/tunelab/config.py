@@ -292,5 +292,5 @@ def check_kwargs(fn: Any, kwargs: dict[str, Any], where: str, internal: tuple[st
         if key not in params or key in hidden:
             names = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL and n not in hidden]
             raise ConfigError(
-                f"unknown key `{where}.{key}`{did_you_mean(key, names)}; accepted: {', '.join(names)}"
+                f"unknown key `{where}.{key}`{did_you_mean(key, names)}; accepted: {', '.join(names) or 'none'}"
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -239,6 +240,22 @@ def test_run_folder_works_from_any_folder_and_resume_reports_changes(tmp_path):
                if json.loads(line)["event"] == "resume"]
     assert resumes[-1]["changed"]["optim.lr"] == [0.01, 0.02] and resumes[-1]["step"] == 6  # the end checkpoint
     assert json.loads((out / "summary.json").read_text())["global_step"] == 8
+
+
+def test_resume_extending_max_steps_follows_the_new_schedule(tmp_path):
+    """A 2-step cosine run ends at lr 0; extended to 4 steps with --resume, step 3 trains at the 4-step
+    schedule's lr (half the peak), not at the saved optimizer's 0."""
+    out = tmp_path / "run"
+    over = [f"output.dir={out}", "schedule.warmup_steps=0", "train.log_every=1", "optim.lr=0.05", QUIET]
+    run_cli("train", DIGITS, *over, "train.max_steps=2")
+    run_cli("train", DIGITS, *over, "train.max_steps=4", "train.checkpoint_every=1", "train.keep_last=3", "--resume")
+    trains = {e["step"]: e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if e["event"] == "train"}
+    assert trains[2]["lr"] == 0.0  # the end of the 2-step schedule (logged after each step: the next lr)
+    assert trains[3]["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+    a = load_file(str(out / "checkpoints" / "step-2" / "model.safetensors"))
+    b = load_file(str(out / "checkpoints" / "step-3" / "model.safetensors"))
+    assert not torch.equal(a["fc.weight"], b["fc.weight"])  # SGD at lr 0 would leave it unchanged
 
 
 @pytest.mark.parametrize(

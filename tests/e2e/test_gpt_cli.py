@@ -5,6 +5,7 @@ logits are checked in tests/test_gpt.py.)"""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -92,4 +93,6 @@ def test_llama_flavour_exports_a_folder_transformers_loads(short_run, tmp_path):
         ours = load_model_folder(out / "final").eval()(ids)
         theirs = AutoModelForCausalLM.from_pretrained(folder).eval()(input_ids=ids).logits
     assert (ours - theirs).abs().max().item() < 1e-4
+    config = json.loads((Path(folder) / "config.json").read_text())
+    assert config["eos_token_id"] is None and config["bos_token_id"] is None  # char level: no end-of-text id
     assert_one_line_error(run_cli("export", out, "--merge", check=False), "--merge applies to LoRA runs")

@@ -345,16 +345,18 @@ class InstructCollator:
 
 # -- building -------------------------------------------------------------------------------------------------
 def encode_records(
-    records: list[Any], encoder: Encoder, fmt: str, max_length: int, where: str
+    records: list[Any], encoder: Encoder, fmt: str, max_length: int, where: str, numbers: list[int] | None = None
 ) -> tuple[list[tuple[list[int], list[int]]], dict[str, int], list[int]]:
-    """Tokenise and label records; truncate to max_length. Returns (examples, counts, kept record indices)."""
+    """Tokenise and label records; truncate to max_length. Returns (examples, counts, kept record indices).
+    `numbers`: each record's index in its file, for error messages (default: its position here)."""
     examples, kept = [], []
     truncated = dropped = 0
     shortest = None
     for i, rec in enumerate(records):
+        number = numbers[i] if numbers is not None else i
         if not isinstance(rec, dict):
-            raise DataError(f"{where}: record {i} is a {type(rec).__name__}, not a mapping")
-        ids, flags = encoder.encode(rec, fmt, i, where)
+            raise DataError(f"{where}: record {number} is a {type(rec).__name__}, not a mapping")
+        ids, flags = encoder.encode(rec, fmt, number, where)
         shortest = len(ids) if shortest is None else min(shortest, len(ids))
         if len(ids) > max_length:
             truncated += 1
@@ -382,14 +384,20 @@ def _tokenizer_source(cfg: RunConfig, opts: InstructOptions) -> str:
     return str(src)
 
 
-def _split(records: list[Any], eval_size: float, seed: int) -> tuple[list[Any], list[Any]]:
-    n_eval = int(round(eval_size * len(records))) if eval_size < 1 else int(eval_size)
-    if n_eval >= len(records):
-        raise ConfigError(f"data.eval_size = {eval_size} leaves no training records out of {len(records)}")
-    order = list(range(len(records)))
+def _split_indices(n: int, eval_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, held-out) record indices, each ascending: a seeded `eval_size` share (or count) held out."""
+    n_eval = int(round(eval_size * n)) if eval_size < 1 else int(eval_size)
+    if n_eval >= n:
+        raise ConfigError(f"data.eval_size = {eval_size} leaves no training records out of {n}")
+    order = list(range(n))
     random.Random(seed).shuffle(order)
     held = set(order[:n_eval])
-    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+    return [i for i in range(n) if i not in held], sorted(held)
+
+
+def _split(records: list[Any], eval_size: float, seed: int) -> tuple[list[Any], list[Any]]:
+    train, held = _split_indices(len(records), eval_size, seed)
+    return [records[i] for i in train], [records[i] for i in held]
 
 
 def _dataset(examples: list[tuple[list[int], list[int]]], packing: bool, max_length: int) -> Dataset:
@@ -417,17 +425,19 @@ def build_instruct(cfg: RunConfig) -> DataBundle:
             f"or data.tokenizer to a model that has one"
         )
     if opts.eval_path:
-        train_recs, eval_recs = records, read_records(opts.eval_path, opts.split)
-    elif opts.eval_size > 0:
-        train_recs, eval_recs = _split(records, opts.eval_size, opts.split_seed)
-    else:
-        train_recs, eval_recs = records, []
+        eval_recs = read_records(opts.eval_path, opts.split)
+        train_idx, eval_idx = list(range(len(records))), list(range(len(eval_recs)))
+        train_recs = records
+    else:  # record numbers in errors are the file's, whichever split a record landed in
+        train_idx, eval_idx = (_split_indices(len(records), opts.eval_size, opts.split_seed)
+                               if opts.eval_size > 0 else (list(range(len(records))), []))
+        train_recs, eval_recs = [records[i] for i in train_idx], [records[i] for i in eval_idx]
     encoder = Encoder(tokenizer, opts.template, opts.mask_prompt, opts.system_prompt)
-    train_ex, train_counts, _ = encode_records(train_recs, encoder, fmt, opts.max_length, opts.path)
+    train_ex, train_counts, _ = encode_records(train_recs, encoder, fmt, opts.max_length, opts.path, train_idx)
     eval_ds, eval_counts, eval_kept = None, {"truncated": 0, "dropped": 0}, []
     if eval_recs:
         eval_ex, eval_counts, eval_kept = encode_records(
-            eval_recs, encoder, fmt, opts.max_length, opts.eval_path or opts.path
+            eval_recs, encoder, fmt, opts.max_length, opts.eval_path or opts.path, eval_idx
         )
         eval_ds = _dataset(eval_ex, opts.packing, opts.max_length)
     train_ds = _dataset(train_ex, opts.packing, opts.max_length)

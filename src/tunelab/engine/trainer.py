@@ -357,6 +357,11 @@ class Trainer:
             self.raw_model.load_state_dict(weights)
         self.optimizer.load_state_dict(torch_load(path / "optimizer.pt"))
         self.scheduler.load_state_dict(state["scheduler"])
+        # The next step's learning rate from this run's schedule (the optimizer state holds the saved run's:
+        # the same value when the run resumes as it was, but not when --resume extends max_steps).
+        step = self.scheduler.last_epoch
+        for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * fn(step)
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.global_step, self.epoch = state["global_step"], state["epoch"]

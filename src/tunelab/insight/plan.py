@@ -21,6 +21,7 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import ConfigError
@@ -587,7 +588,8 @@ def format_plan(plan: Plan) -> str:
 def cmd_plan(args: argparse.Namespace) -> int:
     from tunelab.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    source = Path(args.config)
+    cfg = load_config(source / "config.yaml" if source.is_dir() else source, args.overrides)  # a run folder too
     budget = parse_size(args.budget) if args.budget else None
     plan = make_plan(cfg, budget, log=lambda m: print(m, file=sys.stderr))
     if args.auto_batch:

@@ -94,6 +94,10 @@ def export_hf_llama(model: GPT, folder: str | Path, tokenizer: Any = None) -> Pa
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = hf_llama_config(model.config)
+    # the run's end-of-text id (else transformers' Llama defaults, bos 1 / eos 2, would name two ordinary
+    # tokens of this vocabulary); None where the tokenizer has none
+    eos = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
+    config.update(bos_token_id=eos, eos_token_id=eos, pad_token_id=None)
     save_state_dict(to_hf_state_dict(model), folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer is not None and getattr(tokenizer, "kind", None) in ("bpe", "hf"):

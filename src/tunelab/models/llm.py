@@ -243,7 +243,7 @@ def chat_input_ids(
         return tokenizer(prompt, return_tensors="pt")["input_ids"]
     if not tokenizer.chat_template:
         raise ConfigError(
-            "this model's tokenizer has no chat template; use --template alpaca (or none for raw text)"
+            "this model's tokenizer has no chat template; pass --no-chat to send the prompt as raw text"
         )
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}

@@ -208,7 +208,13 @@ def build_strategy(cfg: RunConfig) -> Strategy:
     kwargs = cfg.strategy.kwargs
     name = kwargs.pop("name")
     cls = STRATEGIES.get(name)
-    check_kwargs(cls.__init__, kwargs, "strategy")
+    try:
+        check_kwargs(cls.__init__, kwargs, "strategy")
+    except ConfigError as e:  # e.g. `strategy.name=full` over a LoRA recipe keeps its r, alpha, ...
+        raise ConfigError(
+            f"{e} (for strategy `{name}`); to switch strategies from the command line, replace the whole "
+            f"section: 'strategy={{name: {name}}}'"
+        ) from None
     return cls(**kwargs)
 
 
