@@ -66,10 +66,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                                  rename=cfg.pretrained.rename, strict=False)
         print()
         print(report.table())
-        import fnmatch
-
-        left = [k for k in report.missing + [m[0] for m in report.mismatched]
-                if not any(fnmatch.fnmatch(k, p) for p in cfg.pretrained.allow_missing)]
+        left = report.uninitialised(cfg.pretrained.allow_missing)
         if left and cfg.pretrained.strict:
             print(f"\nA training run would refuse this load: {len(left)} model tensors would stay uninitialised "
                   f"({', '.join(left[:3])}{' ...' if len(left) > 3 else ''}); allow them with "

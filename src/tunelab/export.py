@@ -13,9 +13,11 @@ half-written. Heavy imports stay inside functions (this module is imported to bu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +36,24 @@ TOKENIZER_FILES = (
 )
 
 
-def _prepare_output(output: Path, overwrite: bool) -> Path:
+@contextlib.contextmanager
+def _written(output: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling folder to write the export into, renamed to `output` when the block succeeds
+    and removed when it fails; an existing `output` is refused unless `overwrite`."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         if not overwrite:
             raise ConfigError(f"{output}: already exists; pass --overwrite or choose another --output")
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    return tmp
-
-
-def _publish(tmp: Path, output: Path) -> None:
-    if output.exists():
-        shutil.rmtree(output) if output.is_dir() else output.unlink()
-    os.replace(tmp, output)
+    try:
+        yield tmp
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _cast_adapter(path: Path, dtype: str) -> None:
@@ -116,8 +122,7 @@ def export_run(
     is_adapter = (folder / ADAPTER_CONFIG).is_file()
     kind = "merged" if merge and is_adapter else ("adapter" if is_adapter else "model")
     out = Path(output) if output else run_dir / "export" / kind
-    tmp = _prepare_output(out, overwrite)
-    try:
+    with _written(out, overwrite) as tmp:
         if is_adapter and not merge:
             for name in ADAPTER_FILES + TOKENIZER_FILES:
                 if (folder / name).is_file():
@@ -136,10 +141,6 @@ def export_run(
             model.save_pretrained(tmp, safe_serialization=True)
             tok_src = str(folder) if (folder / "tokenizer_config.json").is_file() else kwargs["path"]
             load_tokenizer(tok_src).save_pretrained(tmp)
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -157,14 +158,9 @@ def _export_gpt(run_dir: Path, folder: Path, output: str | Path | None, merge: b
     model = load_model_folder(folder)
     hf_llama_config(model.config)  # a clear error for the gpt2 flavour before anything is written
     out = Path(output) if output else run_dir / "export" / "model"
-    tmp = _prepare_output(out, overwrite)
-    try:
+    with _written(out, overwrite) as tmp:
         tokenizer = load_run_tokenizer(run_dir) if (run_dir / "tokenizer").is_dir() else None
         export_hf_llama(model.to(DTYPES[dtype or "fp32"]), tmp, tokenizer)
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

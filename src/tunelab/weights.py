@@ -238,6 +238,12 @@ class LoadReport:
     def ok(self) -> bool:
         return not self.missing and not self.mismatched
 
+    def uninitialised(self, allow_missing: list[str] | tuple[str, ...] = ()) -> list[str]:
+        """Model tensors the load leaves as they were (missing or shape-mismatched), minus the allowed globs:
+        what a strict load refuses."""
+        return [k for k in self.missing + [m[0] for m in self.mismatched]
+                if not any(fnmatch.fnmatch(k, p) for p in allow_missing)]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
@@ -332,10 +338,8 @@ def load_pretrained(
             f"{source}: no checkpoint key matches the model (checkpoint has e.g. {sample}; model has e.g. "
             f"{model_sample}); add `pretrained.rename` rules or check the file"
         )
-    allowed = list(allow_missing)
     if strict:
-        left = [k for k in report.missing + [m[0] for m in report.mismatched]
-                if not any(fnmatch.fnmatch(k, p) for p in allowed)]
+        left = report.uninitialised(list(allow_missing))
         if left:
             more = f" and {len(left) - 3} more" if len(left) > 3 else ""
             raise CheckpointError(
