@@ -44,7 +44,7 @@ MEASURE = r"""
 import ctypes, json, sys, threading, time
 import torch
 from tunelab.config import load_config
-from tunelab.run import build_run, make_trainer, prepare_output_dir
+from tunelab.run import build_run, make_trainer
 
 def rss():
     with open("/proc/self/statm") as f:
@@ -66,7 +66,8 @@ if active() == "mimalloc":
     live = None  # glibc's counters no longer see the tensors: RSS is the measure
 
 cfg = load_config(sys.argv[1], sys.argv[2:])
-prepare_output_dir(cfg, resume=False, overwrite=True)
+import shutil
+shutil.rmtree(cfg.output_dir, ignore_errors=True)  # the benchmark's own scratch folder: a fresh run each time
 run = build_run(cfg, log=lambda m: None)
 trainer = make_trainer(run)
 peak, live_peak, stop = [0], [0], [False]

@@ -159,7 +159,7 @@ def side_ours(args: argparse.Namespace, bf16: bool = False) -> dict:
     sys.path.insert(0, str(REPO / "src"))
     from tunelab.config import load_config
     from tunelab.engine.callbacks import Callback
-    from tunelab.run import build_run, make_trainer, prepare_output_dir
+    from tunelab.run import build_run, make_trainer
 
     class CPUClock(Callback):  # process CPU seconds of the training steps (contention-robust-ish)
         def on_fit_start(self, trainer):
@@ -187,7 +187,6 @@ def side_ours(args: argparse.Namespace, bf16: bool = False) -> dict:
         *args.ours_overrides,
     ]
     cfg = load_config(REPO / "recipes" / "sst2-minilm.yaml", overrides)
-    prepare_output_dir(cfg, resume=False, overwrite=True)
     clock = CPUClock()
     run = build_run(cfg, log=lambda m: print(m, file=sys.stderr))
     summary = make_trainer(run, [clock]).fit()

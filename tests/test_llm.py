@@ -57,6 +57,19 @@ def test_gguf_converts_once_into_a_plain_cached_folder(base_path):
     assert (folder_path / "model.safetensors").stat().st_mtime == mtime
 
 
+def test_a_damaged_cached_conversion_is_rebuilt(smollm_gguf, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    folder = Path(resolve_model_path(str(smollm_gguf)))
+    weights = folder / "model.safetensors"
+    clean = weights.read_bytes()
+    with open(weights, "r+b") as f:
+        f.seek(len(clean) - 11)
+        f.write(b"\x00\x01")
+    assert resolve_model_path(str(smollm_gguf)) == str(folder)
+    assert "rebuilding the cached conversion" in capsys.readouterr().err
+    assert weights.read_bytes() == clean
+
+
 def test_bad_model_paths_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="no such file or folder"):
         resolve_model_path(str(tmp_path / "missing.gguf"))

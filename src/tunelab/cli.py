@@ -12,6 +12,17 @@ import sys
 from pathlib import Path
 
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.io import atomic_write, atomic_write_text
+
+
+def one_line(message: str) -> str:
+    """The user-facing line of an error message. An error raised in a DataLoader worker arrives wrapped in
+    the worker's traceback ("Caught DataError in DataLoader worker process 0. Original Traceback ..."):
+    its last line holds the original message."""
+    if "Original Traceback" in message:
+        last = message.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return message
 
 
 def _print_json(obj) -> None:
@@ -23,18 +34,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tunelab.run import train
 
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, resume=args.resume, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr))
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr),
+                    allow_data_change=args.allow_data_change)
     metrics = {k: v for k, v in summary["metrics"].items() if isinstance(v, (int, float))}
     print(f"{summary['status']}: step {summary['global_step']}, "
           + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
           + f"; run dir {cfg.output_dir}", file=sys.stderr)
+    if summary["status"] == "diverged":
+        found = next((d for d in summary.get("diagnoses", []) if d.get("kind") == "divergence"), {})
+        raise TunelabError(f"the run diverged: {found.get('evidence', 'the loss climbed far above its minimum')}; "
+                           f"{found.get('remedy', 'lower optim.lr')}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tunelab.run import evaluate_run
 
-    metrics = evaluate_run(args.run_dir, "best" if args.best else "final", args.overrides)
+    metrics = evaluate_run(args.run_dir, "best" if args.best else "final", args.overrides, trust_code=args.trust_code)
     _print_json(metrics)
     return 0
 
@@ -80,7 +96,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.output and Path(args.output).suffix not in (".jsonl", ".json", ".csv"):
         raise ConfigError(f"--output {args.output}: write .jsonl (one JSON object per line) or .csv")
-    run = load_run(args.run_dir, "best" if args.best else "final", with_data=False)
+    if args.output:
+        from tunelab.engine.rundir import check_not_managed
+
+        check_not_managed(args.output)
+    run = load_run(args.run_dir, "best" if args.best else "final", with_data=False, trust_code=args.trust_code)
     source = run.cfg.data.kwargs["name"]
     if source not in PREDICTORS:
         raise TunelabError(
@@ -104,12 +124,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
             table = [flat(r) for r in rows]
             fields = list(dict.fromkeys(k for r in table for k in r)) or ["label"]
-            with open(out, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=fields)
-                writer.writeheader()
-                writer.writerows(table)
+            def write_csv(tmp: Path) -> None:
+                with open(tmp, "w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=fields)
+                    writer.writeheader()
+                    writer.writerows(table)
+
+            atomic_write(out, write_csv)
         else:
-            out.write_text("".join(json.dumps(r, default=float) + "\n" for r in rows))
+            atomic_write_text(out, "".join(json.dumps(r, default=float) + "\n" for r in rows))
         print(f"wrote {len(rows)} predictions to {out}", file=sys.stderr)
     else:
         for r in rows:
@@ -150,6 +173,12 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_trust_code(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow the run folder's files to name Python code to import (a `module:Class` model, "
+                        "trust_remote_code); only for folders you trust")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunelab", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -159,13 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output.dir")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in output.dir (only a tunelab run)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: continue although the data files changed since the checkpoint")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="re-evaluate a run's final (or best) weights; prints one JSON line")
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--best", action="store_true")
+    add_trust_code(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("inspect", help="list a checkpoint's tensors; with --against, the LoadReport")
@@ -183,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write predictions to .jsonl or .csv instead of stdout")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--best", action="store_true")
+    add_trust_code(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("generate", help="sample text from a run or a model")
@@ -195,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--best", action="store_true")
+    add_trust_code(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("quickstart", help="the whole pipeline on the digits that scikit-learn ships")
@@ -243,11 +277,19 @@ def main(argv: list[str] | None = None) -> int:
     except TunelabError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except OSError as e:
+        from tunelab.io import disk_error
+
+        err = disk_error(e)
+        if err is None or debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
         print("interrupted", file=sys.stderr)
-        return 130
+        return 143 if type(e).__name__ == "Terminated" else 130
     except BrokenPipeError:  # `tunelab inspect ... | head`: the reader left; exit quietly like other tools
         import os
 

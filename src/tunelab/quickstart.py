@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import load_config
-from tunelab.engine.checkpoint import holds_trained_run
+from tunelab.engine.rundir import claim_run_dir, holds_trained_run
 from tunelab.engine.trainer import Trainer
 from tunelab.errors import ConfigError
-from tunelab.run import build_run, fit_run, replaced_output_dir, train
+from tunelab.run import build_run, fit_run, train
 
 
 def _log(msg: str) -> None:
@@ -55,12 +55,13 @@ def quickstart(output: str = "runs/quickstart", overwrite: bool = False) -> dict
     # Steps 1-3 again for the 10-class model, loading the 5-class weights
     _log("== building a 10-class model and loading the pre-trained weights")
     cfg = load_config(recipe(str(out), None, epochs=10, pretrained=str(pre_dir / "final" / "model.safetensors")))
-    with replaced_output_dir(cfg, resume=False, overwrite=overwrite):
+    with claim_run_dir(cfg.output_dir, resume=False, overwrite=overwrite) as run_dir:
         run = build_run(cfg, log=_log)
-    before = Trainer(run.model, run.task, run.data.train, run.data.eval, config=cfg).evaluate()["accuracy"]
-    # Steps 4-6: fine-tune with SGD on all ten digits and evaluate on the held-out split
-    _log("== fine-tuning on all ten digits")
-    summary = fit_run(run, log=_log)
+        run_dir.commit()
+        before = Trainer(run.model, run.task, run.data.train, run.data.eval, config=cfg).evaluate()["accuracy"]
+        # Steps 4-6: fine-tune with SGD on all ten digits and evaluate on the held-out split
+        _log("== fine-tuning on all ten digits")
+        summary = fit_run(run, log=_log)
     after = summary["metrics"]["accuracy"]
     print(f"accuracy on the held-out digits: before fine-tuning {before:.4f}, after {after:.4f}")
     print(f"run directory: {out}  ({', '.join(sorted(p.name for p in out.iterdir()))})")

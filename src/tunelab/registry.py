@@ -45,6 +45,10 @@ class Registry:
     def __contains__(self, name: str) -> bool:
         return name in self._entries or name in self._lazy
 
+    def entries(self) -> dict[str, Any]:
+        """The entries registered so far (lazy ones only once their module is imported)."""
+        return dict(self._entries)
+
     def lazy_modules(self) -> list[str]:
         return list(self._lazy.values())
 

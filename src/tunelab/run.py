@@ -6,14 +6,10 @@ The six steps, in order: data -> (1) model -> (2) init -> (3) pretrained weights
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import re
-import shutil
-import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +19,12 @@ import torch
 import torch.nn as nn
 
 from tunelab.config import RunConfig, load_config
-from tunelab.data.base import DataBundle, build_data
-from tunelab.engine.checkpoint import atomic_write_text, holds_trained_run
+from tunelab.data.base import DataBundle, build_data, data_fingerprint
+from tunelab.engine.rundir import claim_run_dir
 from tunelab.engine.trainer import Trainer
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.models import create_model, load_model_folder, resolve_builder
+from tunelab.io import atomic_write_text
+from tunelab.models import check_trusted, create_model, load_model_folder, resolve_builder
 from tunelab.strategies import Strategy, build_strategy
 from tunelab.tasks.base import Task, build_task
 from tunelab.weights import LoadReport, count_parameters, init_weights, load_pretrained
@@ -133,64 +130,6 @@ def make_trainer(run: BuiltRun, callbacks: list | None = None) -> Trainer:
     )
 
 
-# What a run writes before its first step (and `tunelab lr-find`): a folder holding only these is reused.
-_START_FILES = {"config.yaml", "metrics.jsonl", "summary.json", "report.html", "tb", "checkpoints", "tokenizer",
-                "load_report.json", "lr_finder.json", "lr_finder.png"}
-
-
-def prepare_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path | None:
-    """Check `output.dir` for this start and make it ready. Nothing is deleted here: a run being replaced
-    (`--overwrite`) is moved aside to a hidden sibling, whose path is returned; `replaced_output_dir`
-    deletes it once the new run is built, or puts it back if building fails. A folder from a start that
-    never trained (a config error found after the folder was made, or `tunelab lr-find` output) is reused."""
-    out = cfg.output_dir
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"`output.dir` = {out} exists and is not a folder")
-    entries = list(out.iterdir()) if out.is_dir() else []
-    if not entries:
-        if resume:
-            raise ConfigError(f"{out}: nothing to resume (the output folder is empty or missing)")
-        out.mkdir(parents=True, exist_ok=True)
-        return None
-    if resume:
-        return None
-    if not holds_trained_run(out):
-        if all(e.name in _START_FILES for e in entries):
-            return None
-        raise ConfigError(
-            f"{out}: output folder is not empty and holds no tunelab run "
-            f"({', '.join(sorted(e.name for e in entries)[:5])}); choose another output.dir=..."
-        )
-    if not overwrite:
-        raise ConfigError(
-            f"{out}: output folder holds a run; pass --resume to continue it or --overwrite "
-            f"to replace it (or choose another output.dir=...)"
-        )
-    here, target = Path.cwd().resolve(), out.resolve()
-    if target == here or target in here.parents:
-        raise ConfigError(f"`output.dir` = {out} is the current folder or holds it; --overwrite will not delete it")
-    aside = out.parent / f".{out.name}.replaced-{os.getpid()}"
-    out.rename(aside)
-    out.mkdir()
-    return aside
-
-
-@contextlib.contextmanager
-def replaced_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Iterator[None]:
-    """`prepare_output_dir` around the code that builds the run: an old run moved aside by `--overwrite` is
-    deleted only when that code succeeds, and restored (the new folder removed) when it raises."""
-    aside = prepare_output_dir(cfg, resume, overwrite)
-    try:
-        yield
-    except BaseException:
-        if aside is not None:
-            shutil.rmtree(cfg.output_dir, ignore_errors=True)
-            aside.rename(cfg.output_dir)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside)
-
-
 def default_callbacks(cfg: RunConfig) -> list:
     """Callbacks every CLI run gets: the run doctor and the end-of-run report (when installed)."""
     callbacks = []
@@ -202,9 +141,16 @@ def default_callbacks(cfg: RunConfig) -> list:
     return callbacks
 
 
-def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict[str, Any]:
-    """Build everything from `cfg`, train, evaluate; returns summary.json's content."""
-    with replaced_output_dir(cfg, resume, overwrite):  # an old run is replaced only once this one builds
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a plain process: the one that owns the run folder."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=print,
+          allow_data_change: bool = False) -> dict[str, Any]:
+    """Build everything from `cfg`, train, evaluate; returns summary.json's content. The run folder is
+    locked for the whole run; with `overwrite`, the old run is deleted only once the new one has built."""
+    with claim_run_dir(cfg.output_dir, resume, overwrite, main=is_main_process()) as run_dir:
         if cfg.optim.lr == "auto":
             from tunelab.insight.lr_finder import resolve_auto_lr
 
@@ -212,7 +158,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
         if cfg.train.auto_batch:
             cfg = _saved_batch(cfg) if resume else _auto_batch(cfg, log)
         run = build_run(cfg, log=log)
-    return fit_run(run, resume=resume, log=log)
+        run_dir.commit()
+        return fit_run(run, resume=resume, log=log, allow_data_change=allow_data_change)
 
 
 def _saved_batch(cfg: RunConfig) -> RunConfig:
@@ -299,28 +246,32 @@ def _changed_settings(saved: Path, cfg: RunConfig) -> dict[str, tuple[Any, Any]]
     return {k.rstrip("."): (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def fit_run(run: BuiltRun, resume: bool = False, log=print) -> dict[str, Any]:
-    """Train a built run into `cfg.output_dir` (which `prepare_output_dir` has checked)."""
+def fit_run(run: BuiltRun, resume: bool = False, log=print, allow_data_change: bool = False) -> dict[str, Any]:
+    """Train a built run into `cfg.output_dir` (the Trainer claims and locks the folder)."""
     cfg, out = run.cfg, run.cfg.output_dir
     total, trainable = count_parameters(run.model)
     n_train = len(run.data.train) if run.data.train is not None else 0
     n_eval = len(run.data.eval) if run.data.eval is not None else 0
     log(f"model {cfg.model.name}: {total:,} parameters, {trainable:,} trainable; "
         f"train {n_train} examples, eval {n_eval}")
-    out.mkdir(parents=True, exist_ok=True)
     record_absolute_paths(cfg)
-    changed = _changed_settings(out / "config.yaml", cfg) if resume else {}
-    if changed:
-        log("warning: resuming with changed settings: "
-            + "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()))
-    atomic_write_text(out / "config.yaml", cfg.to_yaml())
-    if run.load_report is not None:
-        atomic_write_text(out / "load_report.json", json.dumps(run.load_report.to_dict(), indent=2))
     trainer = make_trainer(run, default_callbacks(cfg))
+    trainer.data_fingerprint = data_fingerprint(cfg, run.data)
+    trainer.allow_data_change = allow_data_change
     if run.data.info:
         trainer.log_on_start = {"data": run.data.info}
-    trainer.log_on_resume = {"changed": {k: list(v) for k, v in changed.items()}} if changed else {}
-    return trainer.fit(resume=resume)
+    main = is_main_process()
+    with claim_run_dir(out, resume=resume, main=main):
+        changed = _changed_settings(out / "config.yaml", cfg) if resume else {}
+        if changed:
+            log("warning: resuming with changed settings: "
+                + "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+        if main:
+            atomic_write_text(out / "config.yaml", cfg.to_yaml())
+            if run.load_report is not None:
+                atomic_write_text(out / "load_report.json", json.dumps(run.load_report.to_dict(), indent=2))
+        trainer.log_on_resume = {"changed": {k: list(v) for k, v in changed.items()}} if changed else {}
+        return trainer.fit(resume=resume)
 
 
 # -- loading a finished run ----------------------------------------------------------------------------------
@@ -335,8 +286,21 @@ class LoadedRun:
     run_dir: Path
 
 
+def check_config_trusted(cfg: RunConfig, trust_code: bool, where: str | Path) -> None:
+    """A run folder's config.yaml may come from anyone: an import path in any plug-in name (or the model's
+    `trust_remote_code`) needs the user's --trust-code before anything is imported or built from it."""
+    check_trusted(model_spec(cfg), trust_code, where)
+    for section in ("data", "task", "strategy"):
+        name = str(getattr(cfg, section).kwargs.get("name", ""))
+        if not trust_code and ":" in name and "." in name.partition(":")[0]:
+            raise TunelabError(f"{where}: `{section}.name` = {name!r} is Python code to import; a run folder may "
+                               "come from anyone, so this needs --trust-code (pass it only for folders you trust)")
+
+
 def load_run(run_dir: str | Path, which: str = "final", overrides: list[str] | None = None,
-             with_data: bool = True) -> LoadedRun:
+             with_data: bool = True, trust_code: bool = False) -> LoadedRun:
+    """The trained model of a run folder, with its task (and data). Code named by the folder's files runs
+    only with `trust_code` (the CLI's --trust-code)."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not run_dir.is_dir():
@@ -344,21 +308,20 @@ def load_run(run_dir: str | Path, which: str = "final", overrides: list[str] | N
     if not cfg_path.is_file():
         raise TunelabError(f"{run_dir}: not a tunelab run folder (no config.yaml)")
     cfg = load_config(cfg_path, overrides)
+    check_config_trusted(cfg, trust_code, cfg_path)
     folder = run_dir / which
     if not folder.is_dir():
         hint = " (no metric was monitored: set eval.monitor)" if which == "best" else ""
         raise TunelabError(f"{run_dir}: no {which}/ folder{hint}; did the run finish?")
-    from tunelab.engine.checkpoint import verify_folder
-
-    verify_folder(folder)
-    model = load_model_folder(folder)
+    model = load_model_folder(folder, trust_code=trust_code)  # checks the folder's manifest
     data = build_data(cfg) if with_data else None
     task = build_task_from_config(cfg, data)
     return LoadedRun(cfg, model, task, data, run_dir)
 
 
-def evaluate_run(run_dir: str | Path, which: str = "final", overrides: list[str] | None = None) -> dict:
-    run = load_run(run_dir, which, overrides)
+def evaluate_run(run_dir: str | Path, which: str = "final", overrides: list[str] | None = None,
+                 trust_code: bool = False) -> dict:
+    run = load_run(run_dir, which, overrides, trust_code=trust_code)
     if run.data.eval is None:
         raise TunelabError(f"{run_dir}: the run's data has no eval split")
     cfg = run.cfg.model_copy(deep=True)
@@ -368,6 +331,3 @@ def evaluate_run(run_dir: str | Path, which: str = "final", overrides: list[str]
                       output_dir=run_dir)
     return trainer.evaluate()
 
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr)

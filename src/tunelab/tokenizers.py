@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from tunelab.errors import ConfigError, DataError
+from tunelab.io import write_dir_atomically
 
 META = "tunelab_tokenizer.json"
 EOS_TOKEN = "<|endoftext|>"
@@ -60,23 +58,13 @@ class TextTokenizer(ABC):
     def save(self, folder: str | Path) -> Path:
         """Write the tokenizer into `folder` atomically (a temp folder renamed into place)."""
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+
+        def fill(tmp: Path) -> None:
             extra = self._save_files(tmp)
-            meta = {
-                "type": self.kind,
-                "vocab_size": self.vocab_size,
-                "fingerprint": self.fingerprint(),
-                **extra,
-            }
+            meta = {"type": self.kind, "vocab_size": self.vocab_size, "fingerprint": self.fingerprint(), **extra}
             (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+
+        write_dir_atomically(folder, fill, manifest=False)
         return folder
 
 

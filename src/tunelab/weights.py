@@ -11,7 +11,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tunelab.errors import CheckpointError, ConfigError, did_you_mean
+from tunelab.io import atomic_write, verify_beside_manifest
 from tunelab.paths import resolve_path
 
 # ---------------------------------------------------------------------------------------------------------
@@ -142,19 +142,18 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: 
             t = t.clone()
         seen.setdefault(ptr, k)
         tensors[k] = t.contiguous().cpu()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read `.safetensors`, or `.pt/.pth/.bin` with `weights_only=True` (no arbitrary unpickling)."""
+def load_state_dict_file(path: str | Path, verified: bool = False) -> dict[str, torch.Tensor]:
+    """Read `.safetensors`, or `.pt/.pth/.bin` with `weights_only=True` (no arbitrary unpickling). A file
+    inside a folder tunelab wrote (final/, best/, a checkpoint) is checked against that folder's manifest
+    (`verified`: the caller has just checked the whole folder)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    if not verified:
+        verify_beside_manifest(path)
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))

@@ -198,15 +198,15 @@ def test_overwrite_replaces_only_runs_and_only_once_the_new_one_builds(tmp_path,
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     proc = run_cli("train", DIGITS, f"output.dir={mine}", QUIET, "--overwrite", check=False)
-    assert_one_line_error(proc, "holds no tunelab run", "notes.txt")
+    assert_one_line_error(proc, "was not made by tunelab", "notes.txt")
     assert (mine / "notes.txt").read_text() == "keep me"
     # nor the current folder, or one that holds it
-    from tunelab.config import load_config
-    from tunelab.run import prepare_output_dir
+    from tunelab.engine.rundir import claim_run_dir
 
     monkeypatch.chdir(out / "final")
     with pytest.raises(ConfigError, match="current folder or holds it"):
-        prepare_output_dir(load_config(REPO / DIGITS, [f"output.dir={out}"]), resume=False, overwrite=True)
+        with claim_run_dir(out, resume=False, overwrite=True):
+            pass
     assert _tree_digest(out) == before
 
 
@@ -333,7 +333,7 @@ def test_nan_loss_stops_and_keeps_good_state(tmp_path):
     assert summary["status"] == "failed" and summary["global_step"] == step
     steps = sorted(int(p.name[5:]) for p in (out / "checkpoints").iterdir())
     assert steps and max(steps) < step  # nothing saved from the diverged step
-    from tunelab.engine.checkpoint import verify_folder
+    from tunelab.io import verify_folder
 
     verify_folder(out / "checkpoints" / f"step-{max(steps)}")
     assert not (out / "final").exists()

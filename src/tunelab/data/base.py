@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from torch.utils.data import Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
 from tunelab.config import RunConfig, format_validation_error
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.registry import DATA
 
 
@@ -195,3 +196,69 @@ class SortedEvalBatchSampler(ResumableBatchSampler):
     def epoch_batches(self) -> list[list[int]]:
         order = sorted(range(self.n), key=lambda j: self.lengths[j])
         return [order[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+
+
+# -- what the data was, for resume ----------------------------------------------------------------------------
+
+_HASH_LIMIT = 256 * 2**20  # files up to this size are hashed in full; larger ones by size and mtime
+
+
+def _file_print(path: Path) -> dict[str, Any]:
+    from tunelab.io import sha256_file
+
+    st = path.stat()
+    if path.is_dir():  # an image folder: the names and sizes of every file under it
+        import hashlib
+
+        h = hashlib.sha256()
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                h.update(f"{p.relative_to(path)}\0{p.stat().st_size}\n".encode())
+        return {"listing": h.hexdigest()}
+    if st.st_size <= _HASH_LIMIT:
+        return {"size": st.st_size, "sha256": sha256_file(path)}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def data_fingerprint(cfg: RunConfig, bundle: DataBundle) -> dict[str, Any]:
+    """What a run's data was: each file or folder the `data:` section names (content hash, or for large files
+    size and mtime) and the row count of each split. Saved in checkpoints; a resume compares it."""
+    from tunelab.paths import resolve_path
+
+    files: dict[str, Any] = {}
+    for key, value in sorted(cfg.data.kwargs.items()):
+        if "cache" in key:
+            continue  # where tunelab keeps derived files, not the data (the caches check themselves)
+        for i, v in enumerate(value if isinstance(value, list) else [value]):
+            if not isinstance(v, str) or not v or ("://" in v and not v.startswith("pkg://")):
+                continue
+            try:
+                path = resolve_path(v)
+                if path.exists():
+                    files[f"data.{key}" + (f"[{i}]" if isinstance(value, list) else "")] = {"path": str(path),
+                                                                                         **_file_print(path)}
+            except (OSError, ValueError, TunelabError):
+                continue
+    rows = {split: len(ds) for split, ds in (("train", bundle.train), ("eval", bundle.eval)) if ds is not None}
+    return {"files": files, "rows": rows}
+
+
+def fingerprint_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """One phrase per difference between two `data_fingerprint`s (a checkpoint's and this start's)."""
+    changes = []
+    before, after = saved.get("files", {}), now.get("files", {})
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        if a is None or b is None:
+            continue  # an option added or removed: the config change itself is reported separately
+        path = b.get("path", key)
+        if a.get("path") != b.get("path"):
+            changes.append(f"`{key}` now names {b.get('path')} (the run started on {a.get('path')})")
+        elif {k: v for k, v in a.items() if k != "path"} != {k: v for k, v in b.items() if k != "path"}:
+            size = f" (size {a['size']:,} -> {b['size']:,} bytes)" if a.get("size") != b.get("size") else ""
+            changes.append(f"{path}: the data file changed since the checkpoint{size}")
+    for split, n in now.get("rows", {}).items():
+        m = saved.get("rows", {}).get(split)
+        if m is not None and m != n:
+            changes.append(f"the {split} split has {n:,} examples now and had {m:,} when the checkpoint was saved")
+    return changes

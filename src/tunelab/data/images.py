@@ -21,8 +21,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +36,7 @@ from torch.utils.data._utils.collate import default_collate
 from tunelab.config import LossSection, RunConfig
 from tunelab.data.base import DataBundle, register_data, validate_options
 from tunelab.errors import ConfigError, DataError, TunelabError
+from tunelab.io import atomic_write
 from tunelab.paths import resolve_path
 from tunelab.registry import PREDICTORS
 from tunelab.tasks.base import Batch, model_outputs, register_task
@@ -498,14 +497,11 @@ class ImageClassificationTask(ClassificationTask):
 
 # -- end-of-run report -----------------------------------------------------------------------------------
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({"newline": ""} if "b" not in mode else {})) as f:
+    def fill(tmp: Path) -> None:
+        with open(tmp, mode, **({"newline": ""} if "b" not in mode else {})) as f:
             write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, fill)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +33,10 @@ from tunelab.config import RunConfig
 from tunelab.data.base import DataBundle, register_data, validate_options
 from tunelab.engine.callbacks import Callback
 from tunelab.errors import ConfigError, DataError
+from tunelab.io import atomic_write
 from tunelab.registry import PREDICTORS
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: each entry carries the sha256 of its tensors, checked at every use
 FORMATS = ("csv", "tsv", "jsonl", "parquet", "hf")
 
 
@@ -364,12 +365,10 @@ def tokenize_texts(
             h.update(t.encode() + b"\x00")
         key = cache_dir / f"{h.hexdigest()[:32]}.safetensors"
         if key.is_file():
-            from safetensors.torch import load_file
-
-            try:
-                return load_file(key)
-            except Exception:  # a damaged cache entry is rebuilt, never trusted
-                pass
+            cached, problem = _load_cache_entry(key, len(tokenizer))
+            if cached is not None:
+                return cached
+            print(f"warning: rebuilding the token cache entry {key.name}: {problem}", file=sys.stderr)
     enc = tokenizer(
         texts,
         pairs,
@@ -390,17 +389,41 @@ def tokenize_texts(
     return out
 
 
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode() + b"\0" + tensors[k].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load_cache_entry(path: Path, vocab_size: int) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """A cache entry whose contents still match the sha256 written with it and whose ids are in the
+    vocabulary; otherwise (None, what is wrong): the caller re-tokenises, never trusts a damaged entry."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            digest = (f.metadata() or {}).get("sha256")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # truncated or garbled file
+        return None, f"unreadable ({type(e).__name__})"
+    if digest is None or _digest(tensors) != digest:
+        return None, "its contents do not match the sha256 written with them"
+    ids = tensors.get("ids")
+    if ids is None or "offsets" not in tensors or (ids.numel() and int(ids.max()) >= vocab_size) or (
+            ids.numel() and int(ids.min()) < 0):
+        return None, f"token ids outside the tokenizer's vocabulary of {vocab_size}"
+    return tensors, ""
+
+
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
     try:
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"sha256": _digest(tensors)}))
     except OSError:
-        Path(tmp).unlink(missing_ok=True)  # a read-only cache only costs the re-tokenisation next time
+        pass  # a read-only cache only costs the re-tokenisation next time
 
 
 # ---------------------------------------------------------------------------------------------------

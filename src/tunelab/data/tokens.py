@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -32,13 +33,13 @@ from torch.utils.data import Dataset
 from tunelab.config import RunConfig
 from tunelab.data.base import DataBundle, register_data, validate_options
 from tunelab.engine.callbacks import Callback
-from tunelab.engine.checkpoint import sha256_file
 from tunelab.errors import ConfigError, DataError
+from tunelab.io import sha256_file
 from tunelab.models.gpt_callbacks import FlopsCallback
 from tunelab.paths import resolve_path
 from tunelab.tokenizers import TextTokenizer, build_tokenizer, load_tokenizer, token_dtype
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: meta.json holds each token file's sha256, checked at every use
 
 
 class TokensOptions(BaseModel):
@@ -129,8 +130,12 @@ def prepare_tokens(opts: TokensOptions) -> Path:
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
     cache = Path(opts.cache_dir).expanduser() if opts.cache_dir else default_cache_dir()
     folder = cache / key
-    if (folder / "meta.json").is_file():
-        return folder
+    if folder.is_dir():
+        problem = cache_problem(folder)
+        if problem is None:
+            return folder
+        print(f"warning: rebuilding the token cache {folder}: {problem}", file=sys.stderr)
+        shutil.rmtree(folder, ignore_errors=True)
 
     text = _read_corpus(corpus)
     tokenizer = build_tokenizer(opts.tokenizer, text, opts.vocab_size)
@@ -145,7 +150,8 @@ def prepare_tokens(opts: TokensOptions) -> Path:
         ids[n_train:].astype(dtype).tofile(tmp / "val.bin")
         tokenizer.save(tmp / "tokenizer")
         meta = {**key_fields, "corpus_path": str(corpus), "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
-                "n_train": n_train, "n_val": len(ids) - n_train, "fingerprint": tokenizer.fingerprint()}  # fmt: skip
+                "n_train": n_train, "n_val": len(ids) - n_train, "fingerprint": tokenizer.fingerprint(),
+                "sha256": {s: sha256_file(tmp / f"{s}.bin") for s in ("train", "val")}}  # fmt: skip
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
             os.replace(tmp, folder)
@@ -155,6 +161,28 @@ def prepare_tokens(opts: TokensOptions) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def cache_problem(folder: Path) -> str | None:
+    """What is wrong with a token cache folder (None when it is intact): each token file must have the size
+    and sha256 its meta.json recorded, and no token id may reach past the vocabulary."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        dtype, vocab = np.dtype(meta["dtype"]), int(meta["vocab_size"])
+        digests = meta["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "meta.json is missing or unreadable"
+    for split in ("train", "val"):
+        path = folder / f"{split}.bin"
+        want = int(meta[f"n_{split}"]) * dtype.itemsize
+        if not path.is_file() or path.stat().st_size != want:
+            return f"{path.name} has {path.stat().st_size if path.is_file() else 0:,} bytes, {want:,} expected"
+        if sha256_file(path) != digests.get(split):
+            return f"{path.name} does not match its sha256 (changed on disk)"
+        tokens = np.memmap(path, dtype=dtype, mode="r")
+        if len(tokens) and int(tokens.max()) >= vocab:
+            return f"{path.name} holds token id {int(tokens.max())}, past the vocabulary of {vocab}"
+    return None
 
 
 # -- the data source ---------------------------------------------------------------------------------

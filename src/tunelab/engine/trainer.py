@@ -41,17 +41,16 @@ from tunelab.data.base import (
 from tunelab.engine.callbacks import Callback, EarlyStopping, is_better
 from tunelab.engine.checkpoint import (
     CheckpointManager,
-    atomic_write_text,
-    holds_trained_run,
+    non_finite,
     rng_state,
     set_rng_state,
     torch_load,
     torch_save,
-    verify_folder,
-    write_dir_atomically,
 )
 from tunelab.engine.distributed import DistInfo, all_reduce_sum, init_distributed
-from tunelab.errors import ConfigError, DataError, TrainingDiverged, TunelabError
+from tunelab.engine.rundir import claim_run_dir
+from tunelab.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, TunelabError
+from tunelab.io import atomic_write_text, verify_folder, write_dir_atomically
 from tunelab.models import save_model_folder
 from tunelab.optim import build_optimizer, build_scheduler
 from tunelab.tasks.base import Task
@@ -137,6 +136,46 @@ class _RunBatches(Sampler[list[int]]):
             epoch, start = epoch + 1, 0
 
 
+def _memory_error(e: BaseException, step: int, cfg: TrainSection) -> BaseException:
+    """A one-line error for a batch that does not fit in memory (CPU allocator or CUDA OOM); other errors
+    are returned unchanged."""
+    text = str(e)
+    if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text
+            or "out of memory" in text.lower()):
+        return e
+    first = (text.strip().splitlines() or [type(e).__name__])[0][:160]
+    return TunelabError(
+        f"step {step}: a micro-batch of {cfg.batch_size} does not fit in memory ({first}); lower "
+        f"train.batch_size and raise train.grad_accum to keep the effective batch (now {cfg.batch_size} x "
+        f"{cfg.grad_accum}), or set train.auto_batch=true on a GPU"
+    )
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill`, schedulers and torchrun send) during a run: handled like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While training, SIGTERM raises `Terminated` in the main thread, so the run ends as `interrupted`
+    (summary.json written, checkpoints consistent) instead of dying mid-step."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(f"signal {signum} (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _seed_worker(worker_id: int) -> None:  # deterministic worker RNG before the per-sample reseed
     import random
 
@@ -213,6 +252,15 @@ class Trainer:
         self.log_on_start: dict[str, Any] = {}
         self.log_on_resume: dict[str, Any] = {}  # e.g. the settings a resume changed (run.fit_run)
         self.diverged = False  # the run stopped on a non-finite loss (the doctor's divergence check)
+        # What the training data was (file sizes and hashes, row counts): saved in checkpoints; a resume on
+        # changed data is refused unless `allow_data_change` (then the resume event says what changed).
+        self.data_fingerprint: dict[str, Any] = {"rows": {"train": len(train_data) if train_data is not None else 0,
+                                                          "eval": len(eval_data) if eval_data is not None else 0}}
+        self.allow_data_change = False
+        self._ckpt: CheckpointManager | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+        self._trainable_only = False
+        self._window: dict[str, Any] = {}
 
     # -- small helpers ------------------------------------------------------------------------------------
     @property
@@ -317,16 +365,36 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rng_state(),
             "best": json.dumps(self.best),
+            "last_eval": json.dumps(self.last_eval, default=float),
             "window": self._window,
             "callbacks": [cb.state_dict() for cb in self.callbacks],
             "trainable_only": self._trainable_only,
+            "data": json.dumps(self.data_fingerprint),
         }
 
     def _frozen_params(self) -> set[str]:
         return {n for n, p in self.raw_model.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
+    def _poisoned(self, what: str) -> bool:
+        """True (with a warning) when a weight, buffer or optimizer state holds a NaN/inf: such a state is
+        never saved as a checkpoint or best/ (a BatchNorm running_var can overflow while the loss is finite)."""
+        state = dict(self.raw_model.state_dict())
+        if self.optimizer is not None:
+            for i, st in enumerate(self.optimizer.state.values()):
+                state.update({f"optimizer.state[{i}].{k}": v for k, v in st.items() if isinstance(v, torch.Tensor)})
+        bad = non_finite(state)
+        if bad:
+            msg = (f"step {self.global_step}: not saving {what}: {len(bad)} tensors hold NaN/inf "
+                   f"(e.g. {bad[0]}); the earlier ones are kept")
+            print(f"warning: {msg}", file=sys.stderr)
+            self.log("skipped_save", what=what, non_finite=bad[:10])
+        return bool(bad)
+
     def save_checkpoint(self) -> Path | None:
-        if self._ckpt is None or not self.is_main:
+        """Write `checkpoints/step-N/` (full training state) unless the state holds NaN/inf."""
+        if self._ckpt is None or self.optimizer is None:
+            raise TunelabError("save_checkpoint() needs a started run: call fit() (checkpoints are written during it)")
+        if not self.is_main or self._poisoned("a checkpoint"):
             return None
         frozen = self._frozen_params() if self._trainable_only else set()
         state = {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items() if k not in frozen}
@@ -341,10 +409,44 @@ class Trainer:
         self.log("checkpoint", path=str(path))
         return path
 
-    def _resume_from(self, path: Path) -> None:
-        verify_folder(path)
-        state = torch_load(path / "trainer_state.pt")
-        weights = load_state_dict_file(path / "model.safetensors")
+    def _resume_newest(self) -> Path:
+        """Resume from the newest checkpoint that verifies and loads; a damaged one (truncated, tampered,
+        a pickle that is not weights-only) is reported and an older one is tried."""
+        for path in self._ckpt.candidates():
+            try:
+                verify_folder(path)
+                files = (torch_load(path / "trainer_state.pt"), load_state_dict_file(path / "model.safetensors", verified=True),
+                         torch_load(path / "optimizer.pt"))
+                if not isinstance(files[0], dict) or "global_step" not in files[0]:
+                    raise CheckpointError(f"{path / 'trainer_state.pt'}: not a tunelab training state")
+            except CheckpointError as e:
+                print(f"warning: checkpoint {path.name} refused: {e}; falling back to an older one", file=sys.stderr)
+                continue
+            self._resume_from(path, *files)
+            return path
+        raise TunelabError(
+            f"{self.output_dir}: no valid checkpoint to resume from (checkpoints are written every "
+            "train.checkpoint_every steps, else at each epoch end, and at the end of the run; this run stopped "
+            "before its first one, its checkpoints are damaged, or it had train.checkpoints=false); "
+            "start it afresh with --overwrite"
+        )
+
+    def _check_data(self, saved: dict[str, Any] | None) -> None:
+        """Refuse to resume on data that changed since the checkpoint (or note it with allow_data_change)."""
+        from tunelab.data.base import fingerprint_changes
+
+        changes = fingerprint_changes(saved or {}, self.data_fingerprint)
+        if not changes:
+            return
+        if not self.allow_data_change:
+            raise DataError(f"{changes[0]}; resume on the data the run started with, or pass --allow-data-change "
+                            "to continue on the new data")
+        print("warning: resuming on changed data: " + "; ".join(changes), file=sys.stderr)
+        self.log_on_resume = {**self.log_on_resume, "data_changed": changes}
+
+    def _resume_from(self, path: Path, state: dict[str, Any], weights: dict[str, torch.Tensor],
+                     optim_state: dict[str, Any]) -> None:
+        self._check_data(json.loads(state["data"]) if "data" in state else None)
         if state.get("trainable_only"):
             # Frozen base weights were not saved: they come from the pretrained source the run was rebuilt
             # from. Everything else must be there, and nothing unknown.
@@ -355,18 +457,29 @@ class Trainer:
                                    f"run's model or strategy changed since it was saved?")
         else:
             self.raw_model.load_state_dict(weights)
-        self.optimizer.load_state_dict(torch_load(path / "optimizer.pt"))
+        # The optimizer's settings (lr, weight decay, betas, momentum) are this run's, not the checkpoint's:
+        # a resume with optim.lr=X trains at X (and the changed setting is logged), never only reports it.
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        saved_keys = [set(g) - {"params"} for g in optim_state.get("param_groups", [])]
+        if len(saved_keys) != len(fresh) or any(k != set(f) for k, f in zip(saved_keys, fresh)):
+            raise TunelabError(f"{path}: the checkpoint's optimizer does not fit this run's (optim.name, "
+                               "param_groups or the strategy changed); resume with the run's own settings")
+        self.optimizer.load_state_dict(optim_state)
+        for group, settings in zip(self.optimizer.param_groups, fresh):
+            group.update(settings)
         self.scheduler.load_state_dict(state["scheduler"])
-        # The next step's learning rate from this run's schedule (the optimizer state holds the saved run's:
-        # the same value when the run resumes as it was, but not when --resume extends max_steps).
+        self.scheduler.base_lrs = [g["initial_lr"] for g in fresh]
+        # The next step's learning rate on this run's schedule (also when --resume extends max_steps).
         step = self.scheduler.last_epoch
         for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
             group["lr"] = base * fn(step)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.global_step, self.epoch = state["global_step"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
         self.best = json.loads(state["best"])
+        self.last_eval = json.loads(state.get("last_eval", "null"))
         self._window = state["window"]
         for cb, cb_state in zip(self.callbacks, state["callbacks"]):
             cb.load_state_dict(cb_state)
@@ -381,19 +494,28 @@ class Trainer:
         else:
             save_model_folder(self.raw_model, folder, spec)
 
-    def save_model(self, name: str) -> Path:
-        """Write `final/` or `best/` atomically (temporary folder, then rename)."""
+    def save_model(self, name: str) -> Path | None:
+        """Write `final/` or `best/` atomically (temporary folder, then rename); `best/` only from finite weights."""
+        if name == "best" and self._poisoned("best/"):
+            return None
         final = self.output_dir / name
         write_dir_atomically(final, self._save_model_folder)
         return final
 
     def _truncate_metrics(self) -> None:
-        """On resume, drop metrics.jsonl lines logged after the checkpoint (they will be logged again)."""
+        """On resume, drop metrics.jsonl lines logged after the checkpoint (they will be logged again) and a
+        line torn by a kill mid-write."""
         path = self.output_dir / "metrics.jsonl"
         if not path.is_file():
             return
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= self.global_step]
+        keep = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a torn or garbled line
+            if isinstance(record, dict) and record.get("step", 0) <= self.global_step:
+                keep.append(line)
         atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     # -- the loop -------------------------------------------------------------------------------------------
@@ -436,7 +558,6 @@ class Trainer:
         return loss_sum, total
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
-        cfg = self.train_cfg
         if self.train_data is None or len(self.train_data) == 0:
             raise DataError("the training dataset is empty")
         if self.output_dir is None:
@@ -444,12 +565,13 @@ class Trainer:
         for split, ds in (("train", self.train_data), ("eval", self.eval_data)):
             if ds is not None:
                 self.task.check_dataset(ds, split)  # labels outside the task's classes: one clear error
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        if not resume and self.is_main and holds_trained_run(self.output_dir):
-            raise TunelabError(
-                f"{self.output_dir}: holds a run (checkpoints, final/ or logged steps); fit(resume=True) "
-                "continues it; to start afresh, pick another output_dir or remove that one"
-            )
+        # The run folder is locked for the whole run (a second process on it gets a clear error), and a folder
+        # that tunelab did not make, or that holds a run while resume is off, is refused.
+        with claim_run_dir(self.output_dir, resume=resume, main=self.is_main), terminate_as_interrupt():
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> dict[str, Any]:
+        cfg = self.train_cfg
         torch.manual_seed(cfg.seed)
         self._params = [p for p in self.raw_model.parameters()]
         self.optimizer = build_optimizer(self.raw_model, self.optim_cfg, self.lr_scales, self.device)
@@ -466,14 +588,7 @@ class Trainer:
         self._grad_norm = torch.zeros(())
         self._window = {"loss": 0.0, "targets": 0.0, "samples": 0, "tokens": 0, "time": 0.0, "data": 0.0, "steps": 0}
         if resume:
-            path = self._ckpt.latest_valid(warn=lambda m: print(f"warning: {m}", file=sys.stderr))
-            if path is None:
-                raise TunelabError(
-                    f"{self.output_dir}: no valid checkpoint to resume from (checkpoints are written every "
-                    "train.checkpoint_every steps, else at each epoch end, and at the end of the run; "
-                    "this run stopped before its first one or had train.checkpoints=false)"
-                )
-            self._resume_from(path)
+            path = self._resume_newest()
             if self.is_main:
                 self._truncate_metrics()
                 print(f"resumed from {path} (step {self.global_step})", file=sys.stderr)
@@ -537,11 +652,18 @@ class Trainer:
                     micro, data_s = self._micro_batches(it, min(left, cfg.grad_accum))
                     left -= len(micro)
                     self.batch_in_epoch += len(micro)
-                    loss_sum, n = self._optimizer_step(micro)
+                    try:
+                        loss_sum, n = self._optimizer_step(micro)
+                    except (RuntimeError, MemoryError) as e:
+                        err = _memory_error(e, self.global_step + 1, self.train_cfg)
+                        if err is e:
+                            raise
+                        raise err from e
                     self.global_step += 1
                     if not torch.isfinite(loss_sum):
                         kept = [name for name, there in (
-                            ("the last checkpoint", bool(self._ckpt.steps())),
+                            (f"the last checkpoint (checkpoints/step-{(self._ckpt.steps() or [0])[-1]})",
+                             bool(self._ckpt.steps())),
                             ("best/", (self.output_dir / "best").is_dir())) if there]
                         raise TrainingDiverged(
                             f"loss became {float(loss_sum)} at step {self.global_step}: the learning rate is "
@@ -565,7 +687,8 @@ class Trainer:
                         self.global_step % self.eval_cfg.every == 0
                     ):
                         self._evaluate_and_track()
-                    if cfg.checkpoints and cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
+                    if (cfg.checkpoints and cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0
+                            and not self._done()):  # the last step's checkpoint follows the final eval
                         self.save_checkpoint()
                     if self.should_stop:
                         break
@@ -578,6 +701,8 @@ class Trainer:
                     self._evaluate_and_track()
                 if cfg.checkpoints and not cfg.checkpoint_every and not self._done():
                     self.save_checkpoint()  # after the epoch's eval, so a resume keeps its best/ tracking
+            if self.eval_data is not None and (self.last_eval is None or self.last_eval["step"] != self.global_step):
+                self._evaluate_and_track()  # the end-of-run eval, before the end checkpoint records it
             if cfg.checkpoints and self._ckpt.steps()[-1:] != [self.global_step]:
                 self.save_checkpoint()  # the end state: `--resume` with a larger max_steps extends the run
         except TrainingDiverged as e:

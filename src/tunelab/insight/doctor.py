@@ -456,8 +456,12 @@ class Doctor(Callback):
                     self.trains, self.o, summary.get("error", ""), summary.get("global_step", 0)
                 ),
             )
-        elif "lr_too_low" not in self.reported:
-            self._report(trainer, check_underfitting(self.trains, self.evals, self.o))
+        else:
+            self._report(trainer, check_divergence(self.trains, self.o))
+            if "lr_too_low" not in self.reported:
+                self._report(trainer, check_underfitting(self.trains, self.evals, self.o))
+        if "divergence" in self.reported and summary.get("status") in ("completed", "stopped_early"):
+            summary["status"] = "diverged"  # finite but far above its minimum: not a run to trust
         if self.reported:
             summary["diagnoses"] = [d.to_dict() for d in self.reported.values()]
 

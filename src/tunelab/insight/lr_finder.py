@@ -301,9 +301,10 @@ def find_lr(
 
 def write_result(result: LRFinderResult, out: Path, fingerprint: str = "") -> None:
     """lr_finder.json (atomic) and, when matplotlib is installed, lr_finder.png."""
-    from tunelab.engine.checkpoint import atomic_write_text
+    from tunelab.engine.rundir import mark_run_dir
+    from tunelab.io import atomic_write_bytes, atomic_write_text
 
-    out.mkdir(parents=True, exist_ok=True)
+    mark_run_dir(out)
     payload = {**result.to_dict(), "agree": result.agree, "config_fingerprint": fingerprint}
     atomic_write_text(out / "lr_finder.json", json.dumps(payload, indent=1))
     try:
@@ -317,11 +318,8 @@ def write_result(result: LRFinderResult, out: Path, fingerprint: str = "") -> No
         return
     if png:
         import base64
-        import os
 
-        tmp = out / f".lr_finder.png.tmp-{os.getpid()}"
-        tmp.write_bytes(base64.b64decode(png))
-        os.replace(tmp, out / "lr_finder.png")
+        atomic_write_bytes(out / "lr_finder.png", base64.b64decode(png))
 
 
 def _describe(result: LRFinderResult) -> str:

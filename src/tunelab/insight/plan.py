@@ -590,6 +590,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     source = Path(args.config)
     cfg = load_config(source / "config.yaml" if source.is_dir() else source, args.overrides)  # a run folder too
+    if source.is_dir():
+        from tunelab.run import check_config_trusted
+
+        check_config_trusted(cfg, args.trust_code, source / "config.yaml")
     budget = parse_size(args.budget) if args.budget else None
     plan = make_plan(cfg, budget, log=lambda m: print(m, file=sys.stderr))
     if args.auto_batch:
@@ -610,6 +614,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--budget", help="memory budget, e.g. 24GB (default: this device's memory)")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON line")
+    p.add_argument("--trust-code", action="store_true", help="a run folder's config may name code to import")
     p.add_argument(
         "--auto-batch",
         action="store_true",

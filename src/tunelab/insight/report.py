@@ -599,7 +599,7 @@ def write_report(
     dpi: int = 80,
 ) -> Path:
     """Write `report.html` for one run (atomically) and return its path."""
-    from tunelab.engine.checkpoint import atomic_write_text
+    from tunelab.io import atomic_write_text
 
     run = read_run(run_dir, summary)
     out = Path(output) if output else run.path / "report.html"
@@ -608,7 +608,7 @@ def write_report(
 
 
 def write_comparison(run_dirs: list[str | Path], output: str | Path, dpi: int = 80) -> Path:
-    from tunelab.engine.checkpoint import atomic_write_text
+    from tunelab.io import atomic_write_text
 
     runs = [read_run(d) for d in run_dirs]
     names = [r.name for r in runs]

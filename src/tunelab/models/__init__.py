@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from tunelab.config import check_kwargs
 from tunelab.errors import TunelabError
+from tunelab.io import MANIFEST, verify_folder
 from tunelab.registry import MODELS
 
 MODEL_JSON = "tunelab_model.json"
@@ -58,14 +59,44 @@ def _import_object(path: str) -> Any:
     return obj
 
 
+def names_code(name: str) -> bool:
+    """Whether model name `name` is a `module:attr` import path (code to import), not a registered source."""
+    prefix = name.partition(":")[0]
+    return ":" in name and ("." in prefix or prefix not in MODELS)
+
+
 def resolve_builder(name: str) -> tuple[ModelEntry, dict[str, Any]]:
-    """The entry for `name` and the extra kwargs its name implies (`arch` for `source:arch`)."""
-    if ":" in name:
-        prefix, _, arch = name.partition(":")
-        if "." not in prefix and prefix in MODELS:
+    """The entry for `name` and the extra kwargs its name implies (`arch` for `source:arch`). An import path
+    `pkg.module:attr` must name an nn.Module subclass or a builder registered with `@register_model`: never
+    an arbitrary callable (a spec naming `os:system` is refused before anything is called)."""
+    if not names_code(name):
+        if ":" in name:
+            prefix, _, arch = name.partition(":")
             return MODELS.get(prefix), {"arch": arch}
-        return ModelEntry(_import_object(name)), {}
-    return MODELS.get(name), {}
+        return MODELS.get(name), {}
+    obj = _import_object(name)
+    registered = {id(e.build): e for e in MODELS.entries().values()}
+    if id(obj) in registered:
+        return registered[id(obj)], {}
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise TunelabError(f"model `{name}` is a {type(obj).__name__}, not an nn.Module subclass or a builder "
+                           "registered with @tunelab.register_model")
+    return ModelEntry(obj), {}
+
+
+def check_trusted(spec: dict[str, Any], trust_code: bool, where: str | Path) -> None:
+    """A model spec read from a file (a run's tunelab_model.json or config.yaml) may name only registered
+    sources unless the user passes --trust-code: an import path, or transformers' `trust_remote_code`, runs
+    code that came with the file."""
+    if trust_code:
+        return
+    name = str(spec.get("name") or "")
+    if names_code(name):
+        raise TunelabError(f"{where}: the model `{name}` is Python code to import; a run folder may come from "
+                           "anyone, so this needs --trust-code (pass it only for folders you trust)")
+    if (spec.get("kwargs") or {}).get("trust_remote_code"):
+        raise TunelabError(f"{where}: the model sets trust_remote_code, which runs the model folder's Python "
+                           "files; pass --trust-code only for folders you trust")
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
@@ -99,18 +130,28 @@ def save_model_folder(model: nn.Module, folder: Path, spec: dict[str, Any]) -> N
     (folder / MODEL_JSON).write_text(json.dumps(spec, indent=2))
 
 
-def load_model_folder(folder: Path) -> nn.Module:
+def load_model_folder(folder: Path, trust_code: bool = False) -> nn.Module:
+    """Rebuild the model a tunelab final/ or best/ folder holds (see `check_trusted` for `trust_code`)."""
     from tunelab.weights import load_state_dict_file
 
     meta = folder / MODEL_JSON
     if not meta.is_file():
         raise TunelabError(f"{folder}: no {MODEL_JSON}; is this a tunelab final/ or best/ folder?")
-    spec = json.loads(meta.read_text())
+    try:
+        spec = json.loads(meta.read_text())
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise ValueError("no model name")
+    except ValueError as e:
+        raise TunelabError(f"{meta}: not a tunelab model description ({e})") from e
+    check_trusted(spec, trust_code, meta)
+    verified = (folder / MANIFEST).is_file()
+    if verified:  # a folder tunelab wrote: every file as it was written, or refused
+        verify_folder(folder)
     entry, implied = resolve_builder(spec["name"])
     if entry.load is not None:
         return entry.load(folder, spec)
     model = entry.build(**implied, **spec.get("kwargs", {}))
-    state = load_state_dict_file(folder / "model.safetensors")
+    state = load_state_dict_file(folder / "model.safetensors", verified=verified)
     unwrap_model(model).load_state_dict(state, strict=True)
     return model
 

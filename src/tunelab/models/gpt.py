@@ -404,7 +404,8 @@ def generate_from_run(target: str, args: Any) -> None:
     from tunelab.run import load_run
     from tunelab.tokenizers import load_run_tokenizer
 
-    run = load_run(target, which="best" if getattr(args, "best", False) else "final", with_data=False)
+    run = load_run(target, which="best" if getattr(args, "best", False) else "final", with_data=False,
+                   trust_code=getattr(args, "trust_code", False))
     tokenizer = load_run_tokenizer(Path(run.run_dir))
     model = run.model.eval()
     device = next(model.parameters()).device

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.models import register_model, unwrap_model
-from tunelab.paths import resolve_path
+from tunelab.models.hub import resolve_model_path
 
 # Any one of these makes a folder's tokenizer loadable by AutoTokenizer.
 TOKENIZER_FILES = (
@@ -36,23 +36,6 @@ HEAD_PATTERNS = ["classifier.*", "score.*"]
 _LAYER_RE = re.compile(r"\.(?:layer|layers|h|block)\.(\d+)\.")
 # Heads that read only the first position of the last hidden state (through the pooler).
 _CLS_POOLED_CLASSES = {"BertForSequenceClassification"}
-
-
-def resolve_model_path(path: str | os.PathLike) -> str:
-    """A local folder (`pkg://` resolved, `~` expanded) when one exists, else the string as a hub id."""
-    local = resolve_path(path)
-    if local.exists():
-        if not local.is_dir():
-            raise ConfigError(f"model.path `{path}` is a file; give the model folder that holds config.json")
-        if not (local / "config.json").is_file():
-            raise ConfigError(
-                f"model.path `{path}`: no config.json in {local}; is this a Hugging Face model folder?"
-            )
-        return str(local)
-    text = str(path)
-    if text.startswith(("/", ".", "~", "pkg://")) or text.count("/") > 1:
-        raise ConfigError(f"model.path `{path}`: folder {local} not found")
-    return text  # a hub id such as `bert-base-uncased` or `org/name`
 
 
 def check_tokenizer_files(folder: str) -> None:

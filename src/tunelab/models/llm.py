@@ -15,7 +15,6 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 import sys
 import warnings
 from collections.abc import Callable
@@ -25,8 +24,9 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from tunelab.errors import ConfigError, TunelabError
-from tunelab.models import MODEL_JSON, register_model
+from tunelab.errors import CheckpointError, ConfigError, TunelabError
+from tunelab.io import verify_folder, write_dir_atomically
+from tunelab.models import MODEL_JSON, hub, register_model
 from tunelab.models.checkpointing import selective_checkpoint_kwargs
 from tunelab.paths import resolve_path
 from tunelab.registry import GENERATORS
@@ -56,8 +56,12 @@ def convert_gguf(gguf: Path) -> Path:
     folder appears atomically (written beside it, then renamed) so concurrent runs never see half a folder.
     """
     target = _gguf_cache_folder(gguf)
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
+    if target.is_dir():
+        try:
+            verify_folder(target)
+            return target
+        except CheckpointError as e:  # a damaged cache entry is rebuilt, never trusted
+            print(f"warning: rebuilding the cached conversion: {e}", file=sys.stderr)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"tunelab: converting {gguf.name} to a cached fp32 folder {target} (once)", file=sys.stderr)
@@ -73,35 +77,18 @@ def convert_gguf(gguf: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.use_cache = True
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.rename(tmp, target)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    write_dir_atomically(target, fill)  # with a manifest, checked at every later use
     return target
 
 
 def resolve_model_path(path: str) -> str:
     """A local Hugging Face folder for `path` (GGUF files converted once), or the hub id unchanged."""
-    p = resolve_path(path)
-    if p.is_file():
-        if p.suffix != ".gguf":
-            raise ConfigError(
-                f"model.path = {path!r}: a file must be a .gguf; else give a Hugging Face folder"
-            )
-        return str(convert_gguf(p))
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise ConfigError(
-                f"model.path = {path!r}: folder has no config.json (not a Hugging Face model folder)"
-            )
-        return str(p)
-    if str(path).startswith((".", "/", "~")) or str(path).endswith(".gguf"):
-        raise ConfigError(f"model.path = {path!r}: no such file or folder")
-    return str(path)  # a hub id: transformers resolves it (offline: from the local HF cache)
+    return hub.resolve_model_path(path, gguf=convert_gguf)
 
 
 @functools.lru_cache(maxsize=8)
@@ -314,15 +301,15 @@ def find_model_folder(target: Path, which: str = "final") -> Path | None:
     return None
 
 
-def load_for_generation(target: str, which: str = "final") -> tuple[nn.Module, Any]:
+def load_for_generation(target: str, which: str = "final", trust_code: bool = False) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from a run dir, a tunelab model folder, an HF folder, a hub id or a GGUF file."""
     from tunelab.models import load_model_folder
 
     p = resolve_path(target)
     folder = find_model_folder(p, which) if p.is_dir() else None
     if folder is not None:
+        model = load_model_folder(folder, trust_code=trust_code)
         spec = json.loads((folder / MODEL_JSON).read_text())
-        model = load_model_folder(folder)
         tok_src = str(folder) if (folder / "tokenizer_config.json").is_file() else spec["kwargs"]["path"]
         tokenizer = load_tokenizer(tok_src)
     elif p.is_dir() and (p / "config.yaml").is_file():
@@ -350,7 +337,8 @@ def generate_command(target: str, args: Any) -> None:
     prompt = getattr(args, "prompt", None)
     if not prompt:
         raise ConfigError('generate: give a prompt with --prompt "..."')
-    model, tokenizer = load_for_generation(target, "best" if getattr(args, "best", False) else "final")
+    model, tokenizer = load_for_generation(target, "best" if getattr(args, "best", False) else "final",
+                                           trust_code=getattr(args, "trust_code", False))
 
     def echo(text: str) -> None:
         sys.stdout.write(text)

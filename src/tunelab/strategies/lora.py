@@ -93,8 +93,9 @@ class LoRA(Strategy):
                 config.exclude_modules = heads
         try:
             peft_model = get_peft_model(model, config)
-        except ValueError as e:
-            if "not found in the base model" in str(e) or "Target modules" in str(e):
+        except ValueError as e:  # peft's NoMatchingPeftModuleError is a ValueError
+            if type(e).__name__ == "NoMatchingPeftModuleError" or "not found in the base model" in str(e) \
+                    or "Target modules" in str(e):
                 raise ConfigError(
                     f"`strategy.target_modules` = {self.target_modules!r} matches no module; "
                     f"Linear modules here: {', '.join(linear_module_names(model))} (or use all-linear)"
