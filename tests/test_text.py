@@ -285,7 +285,7 @@ def test_model_folder_without_tokenizer_files(minilm, tmp_path):
     minilm.save_pretrained(tmp_path / "bare")  # weights and config only
     with pytest.raises(ConfigError, match=r"bare has no tokenizer files \(one of tokenizer.json, vocab.txt"):
         create_model("hf", path=str(tmp_path / "bare"), num_labels=2)
-    with pytest.raises(ConfigError, match="folder .* not found"):
+    with pytest.raises(ConfigError, match="nowhere.*no such file or folder"):
         create_model("hf", path=str(tmp_path / "nowhere"), num_labels=2)
     with pytest.raises(ConfigError, match="num_labels = 1 is smaller than the 2 labels"):
         create_model("hf", path=MODEL, num_labels=1, id2label=["a", "b"])

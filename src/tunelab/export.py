@@ -111,9 +111,10 @@ def export_run(
         raise TunelabError(
             f"{run_dir}: no {which}/ model folder (with {MODEL_JSON}); is this a finished run?"
         )
-    from tunelab.io import verify_folder
+    from tunelab.io import MANIFEST, verify_folder
 
-    verify_folder(folder)  # a tampered final/ is refused, never exported
+    if (folder / MANIFEST).is_file():
+        verify_folder(folder)  # a tampered final/ is refused, never exported
     spec = json.loads((folder / MODEL_JSON).read_text())
     if spec.get("name") == "gpt":
         return _export_gpt(run_dir, folder, output, merge, dtype, overwrite)
