@@ -232,8 +232,8 @@ def claim_run_dir(out: Path, resume: bool = False, overwrite: bool = False, main
             remove_stale_tmp(folder)
         if entries and not resume and holds_trained_run(out):
             if not overwrite:
-                raise ConfigError(f"{out}: output folder holds a run; pass --resume to continue it or --overwrite "
-                                  "to replace it (or choose another output.dir=...)")
+                raise ConfigError(f"{out}: output folder holds a run; pass --resume to continue it (from Python: "
+                                  "fit(resume=True)) or --overwrite to replace it (or choose another output.dir=...)")
             _check_replaceable(out)
             moved = out.parent / f".{out.name}.replaced-{os.getpid()}"
             out.rename(moved)
