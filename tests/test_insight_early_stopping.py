@@ -13,7 +13,8 @@ import torch.nn as nn
 from tunelab.config import load_config
 from tunelab.data.base import TensorDataset
 from tunelab.engine.trainer import Trainer
-from tunelab.insight.doctor import Doctor, ReportWriter
+from tunelab.insight.doctor import Doctor
+from tunelab.insight.report import ReportWriter
 from tunelab.tasks.classification import ClassificationTask
 from tunelab.weights import load_state_dict_file
 

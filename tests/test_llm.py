@@ -9,17 +9,12 @@ import pytest
 import torch
 
 from tunelab.errors import ConfigError
+from tunelab.hub import resolve_model_path
+from tunelab.insight.samples import generate_reply
 from tunelab.models import save_model_folder
-from tunelab.models.llm import (
-    _from_pretrained,
-    _quantization_config,
-    generate_text,
-    hf_causal_lm,
-    load_causal_lm,
-    load_tokenizer,
-    resolve_model_path,
-)
+from tunelab.models.llm import _from_pretrained, _quantization_config, hf_causal_lm, load_causal_lm
 from tunelab.strategies.lora import LoRA
+from tunelab.tokenizers import load_hf_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +24,7 @@ def base_path(smollm_gguf) -> str:
 
 @pytest.fixture(scope="module")
 def tokenizer(base_path):
-    return load_tokenizer(base_path)
+    return load_hf_tokenizer(base_path)
 
 
 @pytest.fixture()
@@ -89,7 +84,7 @@ def test_qlora_without_cuda_is_a_clear_error():
 def test_base_model_answers_with_its_chat_template_and_stops(base_path, tokenizer):
     model = hf_causal_lm(base_path).eval()
     streamed: list[str] = []
-    text, ended = generate_text(
+    text, ended = generate_reply(
         model, tokenizer, "What is the capital of France?", max_new_tokens=24, stream=streamed.append
     )
     assert "Paris" in text and ended
@@ -137,7 +132,7 @@ def test_adapter_folder_round_trip_and_merged_export_match_logits(lora_model, ba
     assert not (merged_dir / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     assert (merged(input_ids=ids).logits - want).abs().max().item() < 1e-4
-    text, ended = generate_text(merged, load_tokenizer(str(merged_dir)), "Say hi.", max_new_tokens=48)
+    text, ended = generate_reply(merged, load_hf_tokenizer(str(merged_dir)), "Say hi.", max_new_tokens=48)
     assert ended and text
 
     adapter_dir = export_run(tmp_path / "run")
@@ -305,7 +300,7 @@ def _check_gc_value(value):
 
 
 def test_merge_rounds_once_in_float64():
-    from tunelab.export import merge_lora
+    from tunelab.strategies.lora import merge_lora
 
     model = _tiny_llama_with_lora().eval()
     layer = model.get_base_model().model.layers[0].self_attn.q_proj

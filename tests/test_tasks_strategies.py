@@ -215,8 +215,8 @@ def test_workers_resume_exactly_across_epoch_boundaries(tmp_path):
     model_part, _ = fit(part, resume=True)
     for a, b in zip(model_full.state_dict().values(), model_part.state_dict().values()):
         assert torch.equal(a, b)
-    from tunelab.engine.trainer import _SeededSamples
+    from tunelab.engine.batches import SeededSamples
 
-    seeded = _SeededSamples(_Augmented(), seed=0)  # index 3 in epochs 0, 0 and 1: same, same, different
+    seeded = SeededSamples(_Augmented(), seed=0)  # index 3 in epochs 0, 0 and 1: same, same, different
     a, b, c = (seeded[k]["inputs"] for k in (3, 3, 40 + 3))
     assert torch.equal(a, b) and not torch.equal(a, c)

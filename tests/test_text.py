@@ -164,14 +164,14 @@ def test_seeded_split_is_disjoint_and_reproducible(tmp_path, sst2_rows):
 
 
 def test_tokenisation_is_cached_and_truncated(tmp_path, sst2_rows, monkeypatch):
-    from tunelab.models.hf import load_tokenizer
+    from tunelab.tokenizers import load_hf_tokenizer
 
     path = write_table(tmp_path / "t.tsv", sst2_rows[0])
     first = build_data(config(path, max_length=12))
     cached = list((tmp_path / "cache" / "text").glob("*.safetensors"))
     assert len(cached) == 1
     calls = []
-    tok_type = type(load_tokenizer(MODEL))
+    tok_type = type(load_hf_tokenizer(MODEL))
     monkeypatch.setattr(tok_type, "__call__", lambda *a, **k: calls.append(1))
     second = build_data(config(path, max_length=12))  # served from the cache: the tokenizer is not called
     assert not calls

@@ -13,7 +13,7 @@ import torch
 from tunelab.config import load_config
 from tunelab.data.tokens import TokensOptions, TokenWindows, prepare_tokens
 from tunelab.errors import ConfigError, DataError
-from tunelab.tokenizers import build_tokenizer, load_tokenizer, token_dtype
+from tunelab.tokenizers import build_tokenizer, load_text_tokenizer, token_dtype
 
 BLOCK = 32
 
@@ -60,7 +60,7 @@ def test_char_tokens_cached_and_split(corpus, cache):
     stamp = (folder / "train.bin").stat().st_mtime_ns
     assert prepare_tokens(opts) == folder and (folder / "train.bin").stat().st_mtime_ns == stamp  # cached
 
-    tok = load_tokenizer(folder / "tokenizer")
+    tok = load_text_tokenizer(folder / "tokenizer")
     windows = TokenWindows(folder / "train.bin", np.uint16, BLOCK, stride=1)
     assert len(windows) == meta["n_train"] - BLOCK
     sample = windows[1000]
@@ -80,7 +80,7 @@ def test_bpe_round_trip_and_save(corpus, tmp_path):
     assert len(ids) < len(text) * 0.7  # merges compress
     assert tok.decode(ids.tolist()) == text
     assert ids.tolist() == tok.encode(text)  # chunked corpus encoding == one-shot encoding
-    back = load_tokenizer(tok.save(tmp_path / "tok"))
+    back = load_text_tokenizer(tok.save(tmp_path / "tok"))
     assert back.fingerprint() == tok.fingerprint() and back.encode("Romeo") == tok.encode("Romeo")
 
 

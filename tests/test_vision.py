@@ -14,7 +14,6 @@ from PIL import Image
 from tunelab.config import load_config
 from tunelab.data.base import build_data
 from tunelab.data.images import (
-    ImageClassificationTask,
     ImageDataset,
     collate_images,
     predict_images,
@@ -23,6 +22,7 @@ from tunelab.data.images import (
 from tunelab.errors import ConfigError, DataError, TunelabError
 from tunelab.models import create_model
 from tunelab.models.vision import backbone_preset
+from tunelab.tasks.image_classification import ImageClassificationTask
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +85,16 @@ def test_timm_missing_is_a_clear_error():
 
 
 def test_backbone_preset():
-    p = backbone_preset("torchvision:resnet18")
+    from tunelab.data.images import Preset
+    from tunelab.registry import model_hint
+
+    p = Preset(**backbone_preset("torchvision:resnet18"))
     assert (p.crop_size, p.resize_size) == (224, 256)
     assert p.mean == pytest.approx((0.485, 0.456, 0.406))
     assert (p.scaled(112).crop_size, p.scaled(112).resize_size) == (112, 128)
-    assert backbone_preset("cnn").crop_size == 224
+    assert backbone_preset("cnn") is None and Preset().crop_size == 224  # ImageNet defaults otherwise
+    # the image data sources ask through the registry, importing no model code
+    assert model_hint("torchvision:resnet18", {}, "image_preset") == backbone_preset("torchvision:resnet18")
 
 
 # -- data sources ----------------------------------------------------------------------------------------
@@ -256,7 +261,8 @@ def test_write_report(tmp_path):
 def test_predictor(hymenoptera, tmp_path):
     cfg = _cfg({"name": "image_folder", "root": str(hymenoptera), "image_size": 32})
     model = create_model("torchvision:resnet18", num_classes=2)
-    run = SimpleNamespace(cfg=cfg, model=model, task=None, data=SimpleNamespace(label_names=["ants", "bees"]))
+    task = ImageClassificationTask(num_classes=2)
+    run = SimpleNamespace(cfg=cfg, model=model, task=task, data=SimpleNamespace(label_names=["ants", "bees"]))
     images = sorted((hymenoptera / "val" / "bees").glob("*.jpg"))[:3]
     out = predict_images(run, SimpleNamespace(image=[str(p) for p in images]))
     assert [r["image"] for r in out] == [str(p) for p in images]
@@ -278,7 +284,7 @@ def _body_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_finetune_probe_then_unfreeze_with_discriminative_lrs(tmp_path):
-    from tunelab.engine.callbacks import Callback
+    from tunelab.callbacks import Callback
     from tunelab.run import build_run, make_trainer
 
     class AfterProbe(Callback):

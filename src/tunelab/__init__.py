@@ -28,7 +28,7 @@ _EXPORTS = {
     "register_task": "tunelab.tasks",
     "Task": "tunelab.tasks",
     "Trainer": "tunelab.engine",
-    "Callback": "tunelab.engine",
+    "Callback": "tunelab.callbacks",
     "EarlyStopping": "tunelab.engine",
     "TensorDataset": "tunelab.data.base",
     "DataBundle": "tunelab.data.base",

@@ -150,7 +150,9 @@ class EarlyStoppingSection(Section):
 class OutputSection(Section):
     dir: str = "runs/{name}"
     tensorboard: bool | None = None  # None: when tensorboard is installed
-    progress: bool = True
+    # auto: a live bar on a terminal or in a notebook, else one line per train.log_every and per eval;
+    # bar | lines | off force one (true = auto, false = off)
+    progress: Literal["auto", "bar", "lines", "off"] | bool = "auto"
 
 
 class RunConfig(Section):
@@ -294,3 +296,14 @@ def check_kwargs(fn: Any, kwargs: dict[str, Any], where: str, internal: tuple[st
             raise ConfigError(
                 f"unknown key `{where}.{key}`{did_you_mean(key, names)}; accepted: {', '.join(names) or 'none'}"
             )
+
+
+def validate_options(model: type[BaseModel], cfg: RunConfig, section: str = "data") -> Any:
+    """Validate the open section `cfg.<section>` (minus `name`) against a pydantic model: a data source's
+    options, the doctor's and the report's settings. One-line errors name the key."""
+    raw = {k: v for k, v in getattr(cfg, section).kwargs.items() if k != "name"}
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        msg = format_validation_error(e, "config")
+        raise ConfigError(msg.replace("`", f"`{section}.", 1) if "`" in msg else msg) from e

@@ -12,14 +12,12 @@ half-written. Heavy imports stay inside functions (this module is imported to bu
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from tunelab.errors import ConfigError, TunelabError
 
@@ -65,32 +63,6 @@ def _cast_adapter(path: Path, dtype: str) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def merge_lora(model: Any) -> Any:
-    """peft's `merge_and_unload`, rounded once: W + scale * B @ A is computed in float64 and cast to W's
-    dtype (peft rounds the delta to W's dtype first, then the sum). Other adapter kinds use peft's merge."""
-    import torch
-    from peft.tuners.lora import Linear as LoraLinear
-
-    with torch.no_grad():
-        for module in model.modules():
-            if not isinstance(module, LoraLinear):
-                continue
-            base = module.get_base_layer()
-            for name in module.active_adapters:
-                if name not in module.lora_A:
-                    continue
-                if getattr(module, "lora_variant", {}).get(name) is not None or module.use_dora.get(name):
-                    module.merge(adapter_names=[name])
-                    continue
-                module.lora_A[name].double()
-                module.lora_B[name].double()
-                delta = module.get_delta_weight(name).double()
-                base.weight.data = (base.weight.data.double() + delta).to(base.weight.dtype)
-                if module.lora_bias.get(name, False) and base.bias is not None:
-                    base.bias.data += module.lora_B[name].bias.to(base.bias.dtype)
-    return model.unload()
-
-
 def export_run(
     run_dir: str | Path,
     output: str | Path | None = None,
@@ -101,7 +73,8 @@ def export_run(
 ) -> Path:
     """Export a run's `final/` (or `best/`) model; returns the folder written."""
     from tunelab.models import MODEL_JSON
-    from tunelab.models.llm import ADAPTER_CONFIG, DTYPES, find_model_folder, load_causal_lm, load_tokenizer
+    from tunelab.models.llm import ADAPTER_CONFIG, DTYPES, find_model_folder, load_causal_lm
+    from tunelab.tokenizers import load_hf_tokenizer
 
     run_dir = Path(run_dir)
     if dtype is not None and dtype not in EXPORT_DTYPES:
@@ -138,13 +111,15 @@ def export_run(
             kwargs = {**spec.get("kwargs", {}), "dtype": "fp32", "quantize": None}
             model = load_causal_lm(folder, {**spec, "kwargs": kwargs})
             if is_adapter:
+                from tunelab.strategies.lora import merge_lora
+
                 model = merge_lora(model)
             target = dtype or spec.get("kwargs", {}).get("dtype", "fp32")
             model = model.to(DTYPES[target])
             model.config.use_cache = True
             model.save_pretrained(tmp, safe_serialization=True)
             tok_src = str(folder) if (folder / "tokenizer_config.json").is_file() else kwargs["path"]
-            load_tokenizer(tok_src).save_pretrained(tmp)
+            load_hf_tokenizer(tok_src).save_pretrained(tmp)
     return out
 
 
@@ -166,28 +141,3 @@ def _export_gpt(run_dir: Path, folder: Path, output: str | Path | None, merge: b
         tokenizer = load_run_tokenizer(run_dir) if (run_dir / "tokenizer").is_dir() else None
         export_hf_llama(model.to(DTYPES[dtype or "fp32"]), tmp, tokenizer)
     return out
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    out = export_run(
-        args.run_dir,
-        output=args.output,
-        merge=args.merge,
-        dtype=args.dtype,
-        which="best" if args.best else "final",
-        overwrite=args.overwrite,
-    )
-    print(out)
-    return 0
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register `tunelab export` on the CLI's subparsers."""
-    p = sub.add_parser("export", help="a run's model as a Hugging Face folder (--merge) or a PEFT adapter")
-    p.add_argument("run_dir")
-    p.add_argument("--merge", action="store_true", help="merge LoRA weights into the (fp32) base model")
-    p.add_argument("--output", help="destination folder (default: RUN_DIR/export/{merged,adapter,model})")
-    p.add_argument("--dtype", choices=EXPORT_DTYPES, default=None, help="weights dtype (default: the run's)")
-    p.add_argument("--best", action="store_true", help="export best/ instead of final/")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
-    p.set_defaults(func=cmd_export)

@@ -20,11 +20,13 @@ import torch.nn as nn
 
 from tunelab.config import RunConfig, load_config
 from tunelab.data.base import DataBundle, build_data, data_fingerprint
+from tunelab.engine.meter import FlopsCallback
 from tunelab.engine.rundir import claim_run_dir
 from tunelab.engine.trainer import Trainer
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.io import atomic_write_text
 from tunelab.models import check_trusted, create_model, load_model_folder, resolve_builder
+from tunelab.registry import CALLBACKS, DATA, RESOLVERS, STRATEGIES, TASKS
 from tunelab.strategies import Strategy, build_strategy
 from tunelab.tasks.base import Task, build_task
 from tunelab.weights import LoadReport, count_parameters, init_weights, load_pretrained
@@ -55,14 +57,12 @@ def model_spec(cfg: RunConfig) -> dict[str, Any]:
 def build_task_from_config(cfg: RunConfig, data: DataBundle | None) -> Task:
     import inspect
 
-    from tunelab.registry import TASKS
-
     kwargs = dict(cfg.task.kwargs)
     name = kwargs.pop("name")
     if "loss" in kwargs:
         raise ConfigError("`task.loss` is not a task setting: the loss has its own section, e.g. "
                           "loss: {name: cross_entropy, label_smoothing: 0.1}")
-    accepted = inspect.signature(TASKS.get(name).__init__).parameters
+    accepted = inspect.signature(TASKS.resolve(name).__init__).parameters
     if data is not None:  # the data source knows the classes when the recipe does not say
         if "num_classes" in accepted and "num_classes" not in kwargs and data.num_classes:
             kwargs["num_classes"] = data.num_classes
@@ -120,24 +120,31 @@ def build_run(cfg: RunConfig, log=print) -> BuiltRun:
 
 
 def make_trainer(run: BuiltRun, callbacks: list | None = None) -> Trainer:
+    """The Trainer of a built run, with the callbacks its data adds (artefact writers, MFU) and `callbacks`."""
     cfg = run.cfg
+    from_data = list(run.data.callbacks)
+    if run.data.tokens_per_sample:
+        from_data.append(FlopsCallback(run.data.tokens_per_sample))
     return Trainer(
         run.model, run.task, run.data.train, run.data.eval, config=cfg,
-        callbacks=list(run.data.callbacks) + list(callbacks or []),
+        callbacks=from_data + list(callbacks or []),
         collate_fn=run.data.collate_fn, lr_scales=run.lr_scales,
         train_lengths=run.data.train_lengths, eval_lengths=run.data.eval_lengths,
         strategy=run.strategy, model_spec=model_spec(cfg),
     )
 
 
-def default_callbacks(cfg: RunConfig) -> list:
-    """Callbacks every CLI run gets: the run doctor and the end-of-run report (when installed)."""
+def default_callbacks(cfg: RunConfig, data: DataBundle) -> list:
+    """Callbacks every run gets from the layers above (the CALLBACKS registry, in its order): the doctor,
+    sample generations, the report, and any a plug-in registers. A provider whose optional dependencies are
+    missing is left out."""
     callbacks = []
-    try:
-        from tunelab.insight import default_callbacks as insight_callbacks
-    except ImportError:
-        return callbacks
-    callbacks += insight_callbacks(cfg)
+    for name in CALLBACKS.ordered():
+        try:
+            provider = CALLBACKS.get(name)
+        except TunelabError:
+            continue
+        callbacks += provider(cfg, data)
     return callbacks
 
 
@@ -152,11 +159,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
     locked for the whole run; with `overwrite`, the old run is deleted only once the new one has built."""
     with claim_run_dir(cfg.output_dir, resume, overwrite, main=is_main_process()) as run_dir:
         if cfg.optim.lr == "auto":
-            from tunelab.insight.lr_finder import resolve_auto_lr
-
-            cfg = resolve_auto_lr(cfg, log=log)
+            cfg = RESOLVERS.get("optim.lr")(cfg, log=log)  # the LR finder (tunelab.insight.lr_finder)
         if cfg.train.auto_batch:
-            cfg = _saved_batch(cfg) if resume else _auto_batch(cfg, log)
+            cfg = _saved_batch(cfg) if resume else RESOLVERS.get("train.auto_batch")(cfg, log=log)
         run = build_run(cfg, log=log)
         run_dir.commit()
         return fit_run(run, resume=resume, log=log, allow_data_change=allow_data_change)
@@ -170,25 +175,6 @@ def _saved_batch(cfg: RunConfig) -> RunConfig:
         before = load_config(saved)
         new.train.batch_size, new.train.grad_accum = before.train.batch_size, before.train.grad_accum
     new.train.auto_batch = False
-    return new
-
-
-def _auto_batch(cfg: RunConfig, log) -> RunConfig:
-    """`train.auto_batch: true`: search the micro-batch on the GPU; on other devices keep the recipe's."""
-    import torch
-
-    from tunelab.engine.trainer import pick_device
-
-    device = pick_device(cfg.train.device)
-    if device.type == "cuda" and torch.cuda.is_available():
-        from tunelab.insight.autobatch import resolve_auto_batch
-
-        new = resolve_auto_batch(cfg, log=log)
-    else:
-        log(f"auto batch: searches GPU memory; on {device} the recipe's micro-batch "
-            f"{cfg.train.batch_size} x accumulation {cfg.train.grad_accum} is kept")
-        new = cfg.model_copy(deep=True)
-    new.train.auto_batch = False  # config.yaml records the resolved sizes; a resume reuses them
     return new
 
 
@@ -255,7 +241,7 @@ def fit_run(run: BuiltRun, resume: bool = False, log=print, allow_data_change: b
     log(f"model {cfg.model.name}: {total:,} parameters, {trainable:,} trainable; "
         f"train {n_train} examples, eval {n_eval}")
     record_absolute_paths(cfg)
-    trainer = make_trainer(run, default_callbacks(cfg))
+    trainer = make_trainer(run, default_callbacks(cfg, run.data))
     trainer.data_fingerprint = data_fingerprint(cfg, run.data)
     trainer.allow_data_change = allow_data_change
     if run.data.info:
@@ -290,9 +276,9 @@ def check_config_trusted(cfg: RunConfig, trust_code: bool, where: str | Path) ->
     """A run folder's config.yaml may come from anyone: an import path in any plug-in name (or the model's
     `trust_remote_code`) needs the user's --trust-code before anything is imported or built from it."""
     check_trusted(model_spec(cfg), trust_code, where)
-    for section in ("data", "task", "strategy"):
+    for section, registry in (("data", DATA), ("task", TASKS), ("strategy", STRATEGIES)):
         name = str(getattr(cfg, section).kwargs.get("name", ""))
-        if not trust_code and ":" in name and "." in name.partition(":")[0]:
+        if not trust_code and registry.is_import_path(name):
             raise TunelabError(f"{where}: `{section}.name` = {name!r} is Python code to import; a run folder may "
                                "come from anyone, so this needs --trust-code (pass it only for folders you trust)")
 

@@ -1,14 +1,19 @@
-"""Text tokenizers for pretraining: characters, byte-level BPE trained on your corpus, or any Hugging Face
-tokenizer folder. Each saves itself into a folder (kept with the run as `RUN_DIR/tokenizer/`) and has a
+"""Tokenizers, in one place, one loader per kind:
+
+- `load_hf_tokenizer(path)`: a Hugging Face tokenizer (transformers' `PreTrainedTokenizer`) of a model
+  folder, `pkg://` folder, GGUF file or hub id, with a pad token; what encoders and chat models use.
+- `build_tokenizer` / `load_text_tokenizer` / `load_run_tokenizer`: tunelab's `TextTokenizer` for pretraining:
+  characters, byte-level BPE trained on your corpus, or any Hugging Face tokenizer folder. Each saves itself into a folder (kept with the run as `RUN_DIR/tokenizer/`) and has a
 `fingerprint()` so that a resumed run can refuse a different tokenizer than the one it started with.
 
     tok = build_tokenizer("char", corpus_text)           # or "bpe" (vocab_size=...), or a folder path
     ids = tok.encode("To be"); text = tok.decode(ids)
-    tok.save(folder); tok = load_tokenizer(folder)
+    tok.save(folder); tok = load_text_tokenizer(folder)
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from abc import ABC, abstractmethod
@@ -235,11 +240,11 @@ def build_tokenizer(spec: str, text: str, vocab_size: int | None = None) -> Text
             f"`data.tokenizer` = {spec!r} is neither `char`, `bpe` nor an existing tokenizer folder"
         )
     if (path / META).is_file():
-        return load_tokenizer(path)
+        return load_text_tokenizer(path)
     return HFTokenizer.from_path(path)
 
 
-def load_tokenizer(folder: str | Path) -> TextTokenizer:
+def load_text_tokenizer(folder: str | Path) -> TextTokenizer:
     """Rebuild a tokenizer that `TextTokenizer.save` wrote."""
     folder = Path(folder)
     meta_path = folder / META
@@ -263,7 +268,7 @@ def load_run_tokenizer(run_dir: str | Path) -> TextTokenizer:
     folder = Path(run_dir) / "tokenizer"
     if not folder.is_dir():
         raise DataError(f"{run_dir}: no tokenizer/ folder; was this run trained with data.name=tokens?")
-    return load_tokenizer(folder)
+    return load_text_tokenizer(folder)
 
 
 def token_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
@@ -280,3 +285,44 @@ def token_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
             f"(max {limits[requested]:,} ids); set data.dtype=uint32 (or auto)"
         )
     return np.dtype(requested)
+
+
+# -- Hugging Face tokenizers --------------------------------------------------------------------------------
+# Any one of these makes a folder's tokenizer loadable by AutoTokenizer.
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+    "vocab.json",
+)
+
+
+def check_hf_tokenizer_files(folder: str | Path) -> None:
+    """Raise when a local model folder has no tokenizer files (a bare weights export, say)."""
+    local = Path(folder)
+    if local.is_dir() and not any((local / f).is_file() for f in HF_TOKENIZER_FILES):
+        raise ConfigError(f"model folder {local} has no tokenizer files (one of {', '.join(HF_TOKENIZER_FILES)}); "
+                          "copy them from the model the weights came from")
+
+
+@functools.lru_cache(maxsize=8)
+def load_hf_tokenizer(path: str) -> Any:
+    """The Hugging Face tokenizer of the model at `path` (a folder, a `pkg://` folder, a GGUF file or a hub
+    id), with a pad token (the EOS token when the model defines none); one-line errors when it is missing."""
+    from transformers import AutoTokenizer
+
+    from tunelab.hub import resolve_model_path
+    from tunelab.paths import resolve_path
+
+    local = resolve_path(path)
+    folder = str(local) if (local / "tokenizer_config.json").is_file() else resolve_model_path(path)
+    check_hf_tokenizer_files(folder)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load a tokenizer from {str(path)!r}: {str(e).splitlines()[0]}") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

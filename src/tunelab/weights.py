@@ -124,6 +124,17 @@ def init_weights(
     return model
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Safe tensor-file I/O
 # ---------------------------------------------------------------------------------------------------------
@@ -304,6 +315,7 @@ def load_pretrained(
     - `strict`: error when a model parameter is left missing (or skipped) unless it matches a glob in
       `allow_missing`. A load that matches no key at all is always an error.
     """
+    # Stays whole (over 60 lines): one pass over the keys: read, rename, match by shape, report, check, copy.
     source = "<state dict>" if isinstance(path, dict) else str(path)
     state = dict(path) if isinstance(path, dict) else read_checkpoint(path)
     rules = []
@@ -312,8 +324,6 @@ def load_pretrained(
             rules.append((re.compile(pattern), repl))
         except re.error as e:
             raise ConfigError(f"`pretrained.rename`: {pattern!r} is not a valid regex ({e})") from e
-    from tunelab.models import unwrap_model
-
     target = unwrap_model(model)
     own = target.state_dict()
     report = LoadReport(source=source)

@@ -201,9 +201,9 @@ def _poke(path: Path, offset: int, data: bytes) -> None:
 
 def test_damaged_text_cache_entries_are_rebuilt(minilm_path, tmp_path):
     from tunelab.data.text import tokenize_texts
-    from tunelab.models.hf import load_tokenizer
+    from tunelab.tokenizers import load_hf_tokenizer
 
-    tok = load_tokenizer(str(minilm_path))
+    tok = load_hf_tokenizer(str(minilm_path))
     texts = ["a charming and often affecting journey", "dull", "the plot is nowhere"]
     fresh = tokenize_texts(tok, texts, None, 32, cache_dir=None)
     tokenize_texts(tok, texts, None, 32, cache_dir=tmp_path)

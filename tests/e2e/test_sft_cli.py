@@ -87,9 +87,9 @@ def test_eval_generate_and_merged_export_from_the_run_dir(sft_run):
     from transformers import AutoModelForCausalLM
 
     from tunelab.models import load_model_folder
-    from tunelab.models.llm import load_tokenizer
+    from tunelab.tokenizers import load_hf_tokenizer
 
-    tok = load_tokenizer(str(merged_dir))
+    tok = load_hf_tokenizer(str(merged_dir))
     ids = tok("Name three primary colours.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         adapter = load_model_folder(sft_run / "final").eval()(input_ids=ids).logits

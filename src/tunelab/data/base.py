@@ -16,13 +16,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ValidationError
 from torch.utils.data import Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
-from tunelab.config import RunConfig, format_validation_error
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.config import RunConfig, validate_options  # noqa: F401 (data sources import it from here)
+from tunelab.errors import ConfigError, DataError, TunelabError
 from tunelab.registry import DATA
+
+
+@dataclass
+class GenerationPrompts:
+    """Held-out prompts that a generative run answers at each eval (logged as `samples` by the insight
+    layer's sample callback), with what it takes to encode them as training did."""
+
+    prompts: list[str]
+    tokenizer: Any
+    template: str = "chat"
+    system: str | None = None
+    max_new_tokens: int = 128
 
 
 @dataclass
@@ -38,7 +49,9 @@ class DataBundle:
     train_lengths: Sequence[int] | None = None
     eval_lengths: Sequence[int] | None = None
     info: dict[str, Any] = field(default_factory=dict)  # counts, skipped files, ... logged once
-    callbacks: list[Any] = field(default_factory=list)  # engine Callbacks the source adds (e.g. artefacts)
+    callbacks: list[Any] = field(default_factory=list)  # Callbacks the source adds (e.g. artefact writers)
+    generation: GenerationPrompts | None = None  # prompts to answer at each eval (generative runs)
+    tokens_per_sample: int | None = None  # fixed-length token windows: the run logs model FLOP/s and MFU
 
 
 def register_data(name: str):
@@ -46,18 +59,13 @@ def register_data(name: str):
 
 
 def build_data(cfg: RunConfig) -> DataBundle:
-    builder = DATA.get(cfg.data.kwargs["name"])
-    return builder(cfg)
-
-
-def validate_options(model: type[BaseModel], cfg: RunConfig, section: str = "data") -> Any:
-    """Validate the open section `cfg.<section>` (minus `name`) against a pydantic model."""
-    raw = {k: v for k, v in getattr(cfg, section).kwargs.items() if k != "name"}
-    try:
-        return model.model_validate(raw)
-    except ValidationError as e:
-        msg = format_validation_error(e, "config")
-        raise ConfigError(msg.replace("`", f"`{section}.", 1) if "`" in msg else msg) from e
+    """The DataBundle of the source `data.name` names (registered, or `pkg.module:build` registered with
+    @register_data in that module)."""
+    name = cfg.data.kwargs["name"]
+    bundle = DATA.resolve(name)(cfg)
+    if not isinstance(bundle, DataBundle):
+        raise ConfigError(f"data source `{name}` returned a {type(bundle).__name__}, not a tunelab DataBundle")
+    return bundle
 
 
 def collate_dicts(samples: list[Any]) -> dict[str, Any]:
@@ -88,6 +96,17 @@ class TensorDataset(Dataset):
     def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor]:
         t = torch.as_tensor(idx)
         return {"inputs": self.inputs[t], "labels": self.labels[t]}
+
+
+def holdout_split(n: int, size: float, seed: int, option: str) -> tuple[list[int], list[int]]:
+    """A seeded (kept, held-out) split of range(n), each ascending: `size` below 1 is a fraction of n
+    (rounded, at least one example), 1 or more a count. The one rule of every source that carves its eval
+    split out of the training data; `option` names the setting for the error."""
+    n_held = max(1, round(size * n)) if size < 1 else int(size)
+    if n_held >= n:
+        raise DataError(f"`{option}` = {size} leaves no training examples out of {n}; lower it")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[n_held:]), sorted(order[:n_held])
 
 
 def split_indices(n: int, fractions: Sequence[float], seed: int) -> list[torch.Tensor]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import random
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -29,8 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
 from tunelab.config import RunConfig
-from tunelab.data.base import DataBundle, register_data, validate_options
-from tunelab.engine.callbacks import Callback
+from tunelab.data.base import DataBundle, GenerationPrompts, holdout_split, register_data, validate_options
 from tunelab.errors import ConfigError, DataError
 from tunelab.paths import resolve_path
 
@@ -384,20 +382,15 @@ def _tokenizer_source(cfg: RunConfig, opts: InstructOptions) -> str:
     return str(src)
 
 
-def _split_indices(n: int, eval_size: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, held-out) record indices, each ascending: a seeded `eval_size` share (or count) held out."""
-    n_eval = int(round(eval_size * n)) if eval_size < 1 else int(eval_size)
-    if n_eval >= n:
-        raise ConfigError(f"data.eval_size = {eval_size} leaves no training records out of {n}")
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
-    return [i for i in range(n) if i not in held], sorted(held)
-
-
-def _split(records: list[Any], eval_size: float, seed: int) -> tuple[list[Any], list[Any]]:
-    train, held = _split_indices(len(records), eval_size, seed)
-    return [records[i] for i in train], [records[i] for i in held]
+def _split_records(records: list[Any], opts: InstructOptions) -> tuple[list[Any], list[Any], list[int], list[int]]:
+    """(train records, eval records, their indices): `eval_path`'s records, or a seeded `eval_size` held out
+    of `path` (indices are the file's record numbers, which errors name, whichever split a record is in)."""
+    if opts.eval_path:
+        eval_recs = read_records(opts.eval_path, opts.split)
+        return records, eval_recs, list(range(len(records))), list(range(len(eval_recs)))
+    train_idx, eval_idx = (holdout_split(len(records), opts.eval_size, opts.split_seed, "data.eval_size")
+                           if opts.eval_size > 0 else (list(range(len(records))), []))
+    return [records[i] for i in train_idx], [records[i] for i in eval_idx], train_idx, eval_idx
 
 
 def _dataset(examples: list[tuple[list[int], list[int]]], packing: bool, max_length: int) -> Dataset:
@@ -409,10 +402,10 @@ def _dataset(examples: list[tuple[list[int], list[int]]], packing: bool, max_len
 @register_data("instruct")
 def build_instruct(cfg: RunConfig) -> DataBundle:
     """Instruction data source (see module docstring)."""
-    from tunelab.models.llm import load_tokenizer
+    from tunelab.tokenizers import load_hf_tokenizer
 
     opts = validate_options(InstructOptions, cfg)
-    tokenizer = load_tokenizer(_tokenizer_source(cfg, opts))
+    tokenizer = load_hf_tokenizer(_tokenizer_source(cfg, opts))
     records = read_records(opts.path, opts.split)
     if opts.limit:
         records = records[: opts.limit]
@@ -424,14 +417,7 @@ def build_instruct(cfg: RunConfig) -> DataBundle:
             f"the tokenizer of {_tokenizer_source(cfg, opts)!r} has no chat template; set data.template: alpaca, "
             f"or data.tokenizer to a model that has one"
         )
-    if opts.eval_path:
-        eval_recs = read_records(opts.eval_path, opts.split)
-        train_idx, eval_idx = list(range(len(records))), list(range(len(eval_recs)))
-        train_recs = records
-    else:  # record numbers in errors are the file's, whichever split a record landed in
-        train_idx, eval_idx = (_split_indices(len(records), opts.eval_size, opts.split_seed)
-                               if opts.eval_size > 0 else (list(range(len(records))), []))
-        train_recs, eval_recs = [records[i] for i in train_idx], [records[i] for i in eval_idx]
+    train_recs, eval_recs, train_idx, eval_idx = _split_records(records, opts)
     encoder = Encoder(tokenizer, opts.template, opts.mask_prompt, opts.system_prompt)
     train_ex, train_counts, _ = encode_records(train_recs, encoder, fmt, opts.max_length, opts.path, train_idx)
     eval_ds, eval_counts, eval_kept = None, {"truncated": 0, "dropped": 0}, []
@@ -454,17 +440,12 @@ def build_instruct(cfg: RunConfig) -> DataBundle:
     }
     if opts.packing:
         info["packing_efficiency"] = round(n_tokens / (len(train_ds) * opts.max_length), 4)
-    callbacks = []
+    generation = None
     if fmt != "text" and opts.num_samples and eval_recs:
-        prompts = []
-        for i in eval_kept[: opts.num_samples]:
-            msgs = to_messages(eval_recs[i], fmt, i, opts.path, None)
-            prompts.append(next(m["content"] for m in msgs if m["role"] == "user"))
-        callbacks.append(
-            SampleGenerations(
-                prompts, tokenizer, opts.template, opts.system_prompt, opts.sample_max_new_tokens
-            )
-        )
+        prompts = [next(m["content"] for m in to_messages(eval_recs[i], fmt, i, opts.path, None) if m["role"] == "user")
+                   for i in eval_kept[: opts.num_samples]]
+        generation = GenerationPrompts(prompts, tokenizer, opts.template, opts.system_prompt,
+                                       opts.sample_max_new_tokens)
     return DataBundle(
         train=train_ds,
         eval=eval_ds,
@@ -472,32 +453,26 @@ def build_instruct(cfg: RunConfig) -> DataBundle:
         train_lengths=train_ds.lengths,
         eval_lengths=eval_ds.lengths if eval_ds is not None else None,
         info=info,
-        callbacks=callbacks,
+        generation=generation,
     )
 
 
-class SampleGenerations(Callback):
-    """Engine callback: greedy replies to a few fixed held-out prompts, logged as `samples` at each eval
-    (a tuned model should answer and stop: each sample records whether it ended with EOS)."""
-
-    def __init__(
-        self, prompts: list[str], tokenizer: Any, template: str, system: str | None, max_new_tokens: int
-    ):
-        self.prompts, self.tokenizer, self.template = prompts, tokenizer, template
-        self.system, self.max_new_tokens = system, max_new_tokens
-
-    def on_eval_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
-        from tunelab.models.llm import generate_text
-
-        samples = []
-        for prompt in self.prompts:
-            text, ended = generate_text(
-                trainer.raw_model,
-                self.tokenizer,
-                prompt,
-                max_new_tokens=self.max_new_tokens,
-                system=self.system,
-                template=self.template,
-            )
-            samples.append({"prompt": prompt, "reply": text, "eos": ended})
-        trainer.log("samples", step=trainer.global_step, samples=samples)
+# -- prompts for generation ----------------------------------------------------------------------------
+def prompt_ids(
+    tokenizer: Any, prompt: str, system: str | None = None, template: str = "chat"
+) -> torch.Tensor:
+    """The prompt as the model saw prompts in training: its chat template (or the Alpaca one)."""
+    if template == "alpaca" or (template == "auto" and not tokenizer.chat_template):
+        text = ALPACA_PROMPT.format(instruction=prompt)
+        return tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"]
+    if template == "none":
+        return tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if not tokenizer.chat_template:
+        raise ConfigError(
+            "this model's tokenizer has no chat template; pass --no-chat to send the prompt as raw text"
+        )
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]

@@ -1,6 +1,6 @@
 """Image classification data: `image_folder` (class sub-folders) and `image_csv` (`path,label` rows).
 
-Transforms come from the backbone's own preset (`tunelab.models.vision.backbone_preset`: resize, centre
+Transforms come from the backbone's own preset (the model source's `image_preset` hint: resize, centre
 crop, mean/std), optionally at a smaller `image_size`; training adds random-resized-crop, flip, colour
 jitter, TrivialAugment/RandAugment and random erasing as options. Decoding happens in `__getitem__`, so in
 DataLoader workers when `train.num_workers > 0`.
@@ -20,36 +20,30 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
-from tunelab.config import LossSection, RunConfig
-from tunelab.data.base import DataBundle, register_data, validate_options
+from tunelab.callbacks import Callback
+from tunelab.config import RunConfig
+from tunelab.data.base import DataBundle, holdout_split, register_data, validate_options
 from tunelab.errors import ConfigError, DataError, TunelabError
 from tunelab.io import atomic_write
 from tunelab.paths import resolve_path
-from tunelab.registry import PREDICTORS
-from tunelab.tasks.base import Batch, model_outputs, register_task
-from tunelab.tasks.classification import ClassificationTask
+from tunelab.registry import PREDICTORS, model_hint
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 EVAL_SPLIT_NAMES = ("val", "valid", "validation")
 CLASSES_FILE = "classes.json"  # written into the run dir; the predictor's class names
 
-try:  # the engine's base class, when the engine is installed
-    from tunelab.engine.callbacks import Callback as _CallbackBase
-except ImportError:  # pragma: no cover - only before the engine lands
-    _CallbackBase = object
 
 
 class ImageOptions(BaseModel):
@@ -95,12 +89,31 @@ class ImageOptions(BaseModel):
     misclassified_top_k: int = Field(25, ge=0)
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How the model expects its images: resize the short side, centre-crop, normalise."""
+
+    crop_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def scaled(self, crop_size: int) -> Preset:
+        """The same preset at another crop size, keeping the resize/crop ratio (224/256 -> 0.875)."""
+        resize = round(crop_size * self.resize_size / self.crop_size)
+        return Preset(crop_size, resize, self.mean, self.std, self.interpolation)
+
+
 # -- transforms ------------------------------------------------------------------------------------------
 def _preset(cfg: RunConfig, opts: ImageOptions) -> Any:
     """The backbone's preset with the `data:` overrides applied."""
-    from tunelab.models.vision import backbone_preset
-
-    preset = backbone_preset(cfg.model.name)
+    hint = model_hint(cfg.model.name, cfg.model.kwargs, "image_preset")
+    preset = Preset(**hint) if hint else Preset()
     if opts.image_size is not None:
         preset = preset.scaled(opts.image_size)
     return dataclasses.replace(
@@ -375,11 +388,9 @@ def _build(cfg: RunConfig, kind: str) -> DataBundle:
             p, lab, _ = read(Path(splits[split]), opts, classes, skipped)
             datasets[split] = ImageDataset(p, lab, eval_tf, opts.on_bad_image)
     if datasets["eval"] is None and opts.val_fraction > 0:
-        g = torch.Generator().manual_seed(cfg.train.seed)
-        order = torch.randperm(len(train), generator=g).tolist()
-        n_eval = max(1, math.floor(len(order) * opts.val_fraction))
-        datasets["eval"] = _subset(train, order[:n_eval], eval_tf)
-        train = _subset(train, order[n_eval:], train_tf)
+        kept, held = holdout_split(len(train), opts.val_fraction, cfg.train.seed, "data.val_fraction")
+        datasets["eval"] = _subset(train, held, eval_tf)
+        train = _subset(train, kept, train_tf)
     counts = {s: len(d) for s, d in (("train", train), *datasets.items()) if d is not None}
     info: dict[str, Any] = {"images": counts, "classes": classes}
     if skipped.by_reason:
@@ -434,67 +445,6 @@ def image_csv(cfg: RunConfig) -> DataBundle:
     return _build(cfg, "csv")
 
 
-# -- task with soft targets (mixup / cutmix) -------------------------------------------------------------
-@register_task("image_classification")
-class ImageClassificationTask(ClassificationTask):
-    """`classification` plus mixup/cutmix: in training, each batch is mixed on the device with probability
-    `mix_prob` (one of mixup or cutmix, chosen at random when both are on), and the loss takes the soft
-    targets. Evaluation is unchanged."""
-
-    name = "image_classification"
-
-    def __init__(
-        self,
-        loss: LossSection | None = None,
-        num_classes: int = 2,
-        labels: list[str] | None = None,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-        mix_prob: float = 1.0,
-    ):
-        super().__init__(loss, num_classes, labels)
-        if mixup_alpha < 0 or cutmix_alpha < 0 or not 0 <= mix_prob <= 1:
-            raise ConfigError(
-                "`task.mixup_alpha` / `task.cutmix_alpha` must be >= 0 and `task.mix_prob` in [0, 1]"
-            )
-        if (mixup_alpha or cutmix_alpha) and self.class_weights is not None:
-            raise ConfigError(
-                "`loss.class_weights` cannot be combined with mixup/cutmix soft targets; drop one"
-            )
-        self.mix_prob = mix_prob
-        self.mixer = None
-        if mixup_alpha or cutmix_alpha:
-            from torchvision.transforms import v2 as T
-
-            ops = []
-            if mixup_alpha:
-                ops.append(T.MixUp(alpha=mixup_alpha, num_classes=num_classes))
-            if cutmix_alpha:
-                ops.append(T.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
-            self.mixer = ops[0] if len(ops) == 1 else T.RandomChoice(ops)
-
-    def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        batch.pop("soft_labels", None)
-        if self.mixer is not None and model.training and float(torch.rand(())) < self.mix_prob:
-            inputs, soft = self.mixer(batch["inputs"], batch["labels"])
-            batch["soft_labels"] = soft
-            return model_outputs(model(inputs))
-        return super().forward(model, batch)
-
-    def count_targets(self, batch: Batch) -> torch.Tensor:
-        if "soft_labels" in batch:
-            return torch.tensor(float(len(batch["soft_labels"])))
-        return super().count_targets(batch)
-
-    def loss_sum(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
-        soft = batch.get("soft_labels")
-        if soft is None:
-            return super().loss_sum(outputs, batch)
-        return F.cross_entropy(
-            outputs.float(), soft.float(), label_smoothing=self.loss_cfg.label_smoothing, reduction="sum"
-        )
-
-
 # -- end-of-run report -----------------------------------------------------------------------------------
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
     def fill(tmp: Path) -> None:
@@ -506,9 +456,11 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> 
 
 @torch.no_grad()
 def predict_dataset(
-    model: nn.Module, dataset: ImageDataset, batch_size: int, device: torch.device | str
+    model: nn.Module, dataset: ImageDataset, batch_size: int, device: torch.device | str,
+    forward: Callable[[nn.Module, dict[str, Any]], torch.Tensor],
 ) -> tuple[list[int], torch.Tensor]:
-    """(dataset indices, class probabilities) over `dataset`, in eval mode, without holding the images."""
+    """(dataset indices, class probabilities) over `dataset`, in eval mode, without holding the images.
+    `forward(model, batch)` is the task's (logits from whatever the model returns)."""
     was_training = model.training
     model.eval()
     indices: list[int] = []
@@ -516,7 +468,7 @@ def predict_dataset(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_images)
     try:
         for batch in loader:
-            logits = model_outputs(model(batch["inputs"].to(device)))
+            logits = forward(model, {"inputs": batch["inputs"].to(device)})
             probs.append(torch.softmax(logits.float(), dim=-1).cpu())
             indices += batch["index"].tolist()
     finally:
@@ -619,7 +571,7 @@ def _is_rank_zero() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-class VisionReport(_CallbackBase):
+class VisionReport(Callback):
     """Writes classes.json at the start of fit; at the end, predicts the eval split with the final model
     and writes the report files into the run dir (the image counts and skipped files are in
     `DataBundle.info`, which the run logs)."""
@@ -638,7 +590,7 @@ class VisionReport(_CallbackBase):
             return
         model = getattr(trainer, "raw_model", None) or trainer.model
         device = getattr(trainer, "device", None) or next(model.parameters()).device
-        indices, probs = predict_dataset(model, self.dataset, self.batch_size, device)
+        indices, probs = predict_dataset(model, self.dataset, self.batch_size, device, trainer.task.forward)
         result = write_report(
             Path(trainer.output_dir), self.dataset, self.classes, indices, probs, self.top_k
         )
@@ -702,7 +654,8 @@ def predict_images(run: Any, args: Any) -> list[dict[str, Any]]:
             except (OSError, ValueError, SyntaxError) as e:
                 raise DataError(f"predict: `{p}` is not a decodable image ({e})") from e
         with torch.no_grad():
-            probs = torch.softmax(model_outputs(model(torch.stack(images).to(device))).float(), -1).cpu()
+            logits = run.task.forward(model, {"inputs": torch.stack(images).to(device)})
+            probs = torch.softmax(logits.float(), -1).cpu()
         for p, row in zip(chunk, probs):
             names = classes or [str(i) for i in range(len(row))]
             order = row.argsort(descending=True)[:top_k].tolist()

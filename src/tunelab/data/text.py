@@ -29,9 +29,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
+from tunelab.callbacks import Callback
 from tunelab.config import RunConfig
-from tunelab.data.base import DataBundle, register_data, validate_options
-from tunelab.engine.callbacks import Callback
+from tunelab.data.base import DataBundle, holdout_split, register_data, validate_options
 from tunelab.errors import ConfigError, DataError
 from tunelab.io import atomic_write
 from tunelab.registry import PREDICTORS
@@ -335,10 +335,14 @@ def _cache_root(option: str | None) -> Path:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of what decides the token ids: the fast tokenizer's full JSON (vocab, normaliser, ...)."""
+    """A hash of what decides the token ids: the fast tokenizer's JSON (vocab, normaliser, ...) without the
+    truncation and padding settings that the last call left on it (the cache key has max_length)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        blob = backend.to_str()
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        blob = json.dumps(spec, sort_keys=True)
     else:
         blob = json.dumps(tokenizer.get_vocab(), sort_keys=True) + type(tokenizer).__name__
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -522,42 +526,36 @@ def _tokenizer_path(opts: TextClassificationOptions, cfg: RunConfig) -> str:
     return str(path)
 
 
-def _split_index(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """A seeded (train, val) split of range(n); val has round(n * fraction) rows, at least 1."""
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=g).tolist()
-    n_val = max(1, round(n * fraction))
-    if n_val >= n:
-        raise DataError(f"data.val_fraction = {fraction} leaves no training rows out of {n}")
-    return sorted(order[n_val:]), sorted(order[:n_val])
+def _label_training_rows(rows: Rows, opts: TextClassificationOptions, cfg: RunConfig) -> tuple[list[str], dict, list[int]]:
+    """The label names (the recipe's, the file's, or sorted), the lookup, and the training rows' label ids."""
+    if len(rows) == 0:
+        raise DataError(f"{rows.source}: no rows")
+    raw = _raw_labels(rows, opts.label_column)
+    names, lookup = label_vocabulary(raw, opts.labels or rows.label_names)
+    if len(names) < 2:
+        raise DataError(f"{rows.source}: column `{opts.label_column}` has a single label `{names[0]}`; need 2 or more")
+    num_labels = cfg.model.kwargs.get("num_labels")
+    if isinstance(num_labels, int) and num_labels < len(names):
+        raise ConfigError(
+            f"model.num_labels = {num_labels} is smaller than the {len(names)} labels found in "
+            f"{rows.source} ({', '.join(names[:10])}); set model.num_labels to at least {len(names)}"
+        )
+    return names, lookup, encode_labels(raw, lookup, rows, names, "train")
 
 
 @register_data("text_classification")
 def build_text_classification(cfg: RunConfig) -> DataBundle:
     """Read, label, split and tokenise; see the module docstring for the options."""
-    from tunelab.models.hf import load_tokenizer
+    from tunelab.tokenizers import load_hf_tokenizer
 
     opts: TextClassificationOptions = validate_options(TextClassificationOptions, cfg)
-    tokenizer = load_tokenizer(_tokenizer_path(opts, cfg))
+    tokenizer = load_hf_tokenizer(_tokenizer_path(opts, cfg))
     cache_dir = _cache_root(opts.cache_dir) if opts.cache else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     train_rows = read_rows(opts.train, opts.format, opts.train_split, opts.max_rows)
-    if len(train_rows) == 0:
-        raise DataError(f"{train_rows.source}: no rows")
-    raw = _raw_labels(train_rows, opts.label_column)
-    names, lookup = label_vocabulary(raw, opts.labels or train_rows.label_names)
-    if len(names) < 2:
-        raise DataError(
-            f"{train_rows.source}: column `{opts.label_column}` has a single label `{names[0]}`; need 2 or more"
-        )
+    names, lookup, train_labels = _label_training_rows(train_rows, opts, cfg)
     num_labels = cfg.model.kwargs.get("num_labels")
-    if isinstance(num_labels, int) and num_labels < len(names):
-        raise ConfigError(
-            f"model.num_labels = {num_labels} is smaller than the {len(names)} labels found in "
-            f"{train_rows.source} ({', '.join(names[:10])}); set model.num_labels to at least {len(names)}"
-        )
-    train_labels = encode_labels(raw, lookup, train_rows, names, "train")
 
     def tokens_of(rows: Rows) -> dict[str, torch.Tensor]:
         texts = _texts(rows, opts.text_column, "text_column")
@@ -576,7 +574,7 @@ def build_text_classification(cfg: RunConfig) -> DataBundle:
         info["eval_file"] = eval_rows.source
     elif opts.val_fraction > 0:
         seed = opts.split_seed if opts.split_seed is not None else cfg.train.seed
-        train_idx, val_idx = _split_index(len(train_rows), opts.val_fraction, seed)
+        train_idx, val_idx = holdout_split(len(train_rows), opts.val_fraction, seed, "data.val_fraction")
         train = TokenizedTextDataset(train_tokens, train_labels, train_idx)
         evaluation = TokenizedTextDataset(train_tokens, train_labels, val_idx)
         info["eval_file"] = f"{opts.val_fraction:.0%} of {train_rows.source} (seed {seed})"
@@ -655,14 +653,14 @@ def predict_texts(
 def predict(run: Any, args: Any) -> list[dict[str, Any]]:
     """Predict with a finished run: `--text` (repeatable) or `--file` (CSV/TSV/JSONL/Parquet with the
     run's text column, or a `text` column)."""
-    from tunelab.models import unwrap_model
-    from tunelab.models.hf import load_tokenizer
+    from tunelab.tokenizers import load_hf_tokenizer
+    from tunelab.weights import unwrap_model
 
     opts = TextClassificationOptions.model_validate(
         {k: v for k, v in run.cfg.data.kwargs.items() if k != "name"}
     )
     model = unwrap_model(run.model)
-    tokenizer = load_tokenizer(
+    tokenizer = load_hf_tokenizer(
         getattr(model, "tunelab_tokenizer_source", None) or _tokenizer_path(opts, run.cfg)
     )
     text = _arg(args, "text")

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,14 +29,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
+from tunelab.callbacks import Callback
 from tunelab.config import RunConfig
 from tunelab.data.base import DataBundle, register_data, validate_options
-from tunelab.engine.callbacks import Callback
 from tunelab.errors import ConfigError, DataError
-from tunelab.io import sha256_file
-from tunelab.models.gpt_callbacks import FlopsCallback
+from tunelab.io import sha256_file, write_dir_atomically
 from tunelab.paths import resolve_path
-from tunelab.tokenizers import TextTokenizer, build_tokenizer, load_tokenizer, token_dtype
+from tunelab.registry import model_hint
+from tunelab.tokenizers import TextTokenizer, build_tokenizer, load_text_tokenizer, token_dtype
 
 CACHE_VERSION = 2  # 2: meta.json holds each token file's sha256, checked at every use
 
@@ -143,9 +142,7 @@ def prepare_tokens(opts: TokensOptions) -> Path:
     ids = tokenizer.encode_corpus(text)
     n_train = int(len(ids) * (1 - opts.val_fraction))
 
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache))
-    try:
+    def fill(tmp: Path) -> None:
         ids[:n_train].astype(dtype).tofile(tmp / "train.bin")
         ids[n_train:].astype(dtype).tofile(tmp / "val.bin")
         tokenizer.save(tmp / "tokenizer")
@@ -153,13 +150,8 @@ def prepare_tokens(opts: TokensOptions) -> Path:
                 "n_train": n_train, "n_val": len(ids) - n_train, "fingerprint": tokenizer.fingerprint(),
                 "sha256": {s: sha256_file(tmp / f"{s}.bin") for s in ("train", "val")}}  # fmt: skip
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process finished the same folder first: theirs is identical
-            if not (folder / "meta.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_dir_atomically(folder, fill, manifest=False)  # a concurrent builder's identical folder is replaced
     return folder
 
 
@@ -209,36 +201,37 @@ def check_same_tokenizer(saved: TextTokenizer, current: TextTokenizer, where: Pa
 
 
 def _model_block_size(cfg: RunConfig) -> int | None:
+    """The model's context length: `model.block_size`, else what its source says for its size."""
     kwargs = cfg.model.kwargs
     if kwargs.get("block_size"):
         return int(kwargs["block_size"])
-    if cfg.model.name == "gpt":
-        from tunelab.models.gpt import SIZES
-
-        return SIZES.get(kwargs.get("size", "baby"), {}).get("block_size")
-    return None
+    return model_hint(cfg.model.name, kwargs, "block_size")
 
 
-@register_data("tokens")
-def build(cfg: RunConfig) -> DataBundle:
-    opts = validate_options(TokensOptions, cfg)
+def _block_size(opts: TokensOptions, cfg: RunConfig) -> int:
+    """Tokens per training window: `data.block_size`, else the model's; never longer than the model's."""
     block_size = opts.block_size or _model_block_size(cfg)
     if block_size is None:
-        raise ConfigError(
-            "`data.block_size` is required (tokens per training window), e.g. data.block_size=256"
-        )
+        raise ConfigError("`data.block_size` is required (tokens per training window), e.g. data.block_size=256")
     model_block = _model_block_size(cfg)
     if model_block and block_size > int(model_block):
         raise ConfigError(
             f"`data.block_size` = {block_size} is longer than `model.block_size` = {model_block}; "
             "make them equal or shorten data.block_size"
         )
+    return block_size
+
+
+@register_data("tokens")
+def build(cfg: RunConfig) -> DataBundle:
+    opts = validate_options(TokensOptions, cfg)
+    block_size = _block_size(opts, cfg)
     folder = prepare_tokens(opts)
     meta = json.loads((folder / "meta.json").read_text())
-    tokenizer = load_tokenizer(folder / "tokenizer")
+    tokenizer = load_text_tokenizer(folder / "tokenizer")
     run_tokenizer = cfg.output_dir / "tokenizer"
     if (run_tokenizer / "tunelab_tokenizer.json").is_file():  # the run folder survives only for a resume
-        check_same_tokenizer(load_tokenizer(run_tokenizer), tokenizer, run_tokenizer)
+        check_same_tokenizer(load_text_tokenizer(run_tokenizer), tokenizer, run_tokenizer)
     dtype = np.dtype(meta["dtype"])
     need = block_size + 1
     if meta["n_train"] < need:
@@ -284,5 +277,6 @@ def build(cfg: RunConfig) -> DataBundle:
             "train_windows": len(train),
             "cache": str(folder),
         },
-        callbacks=[TokenizerArtifact(tokenizer), FlopsCallback(tokens_per_sample=block_size)],
+        callbacks=[TokenizerArtifact(tokenizer)],
+        tokens_per_sample=block_size,
     )

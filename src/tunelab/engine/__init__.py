@@ -1,6 +1,7 @@
 """The training engine: Trainer, callbacks, checkpoints, distributed helpers."""
 
-from tunelab.engine.callbacks import Callback, EarlyStopping
+from tunelab.callbacks import Callback
+from tunelab.engine.callbacks import EarlyStopping
 from tunelab.engine.checkpoint import CheckpointManager
 from tunelab.engine.trainer import Trainer
 

@@ -1,4 +1,4 @@
-"""Callbacks: features attach here instead of as flags threaded through the training loop."""
+"""The engine's own callbacks: early stopping (more live beside the features they serve)."""
 
 from __future__ import annotations
 
@@ -8,26 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tunelab.callbacks import Callback
+
 if TYPE_CHECKING:
     from tunelab.engine.trainer import Trainer
-
-
-class Callback:
-    """Override any hook. `state_dict` is saved in checkpoints so resumed runs continue exactly."""
-
-    def on_fit_start(self, trainer: Trainer) -> None: ...
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
-    def on_step_end(self, trainer: Trainer, logs: dict[str, Any]) -> None: ...
-    def on_eval_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
-    def on_train_end(self, trainer: Trainer) -> bool | None:
-        """After the last step, before the final evaluation. Return True if the weights were changed."""
-
-    def on_fit_end(self, trainer: Trainer, summary: dict[str, Any]) -> None: ...
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def is_better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:

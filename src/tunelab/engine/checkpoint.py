@@ -1,5 +1,8 @@
 """Atomic, verified checkpoints with the full training state, for exact resume.
 
+`save_checkpoint(trainer)` and `resume_newest(trainer)` are what the loop calls; `CheckpointManager` keeps
+the `step-N` folders.
+
 Layout: `checkpoints/step-<N>/` holding model.safetensors, optimizer.pt, trainer_state.pt and
 manifest.json (sha256 of every file). A checkpoint is written into a temporary folder, each file fsynced,
 the manifest written last, then the folder renamed into place: a crash leaves either the old set or the
@@ -9,8 +12,10 @@ checkpoint is refused and resume falls back to the previous good one.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,8 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from tunelab.errors import CheckpointError
+from tunelab.errors import CheckpointError, DataError, TunelabError
 from tunelab.io import verify_folder, write_dir_atomically
+from tunelab.weights import load_state_dict_file, save_state_dict
 
 
 def rng_state() -> dict[str, Any]:
@@ -108,3 +114,131 @@ class CheckpointManager:
             except CheckpointError as e:
                 warn(f"checkpoint {path.name} refused: {e}; falling back to an older one")
         return None
+
+
+# -- the training state of a run ---------------------------------------------------------------------------
+
+
+def training_state(trainer: Any) -> dict[str, Any]:
+    """Everything besides weights and optimizer that an exact resume needs (weights-only loadable)."""
+    return {
+        "global_step": trainer.global_step,
+        "epoch": trainer.epoch,
+        "batch_in_epoch": trainer.batch_in_epoch,
+        "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.step.scaler.state_dict() if trainer.step.scaler is not None else None,
+        "rng": rng_state(),
+        "best": json.dumps(trainer.best),
+        "last_eval": json.dumps(trainer.last_eval, default=float),
+        "window": trainer.meter.window,
+        "callbacks": [cb.state_dict() for cb in trainer.callbacks],
+        "trainable_only": trainer.strategy.checkpoint_trainable_only,
+        "data": json.dumps(trainer.data_fingerprint),
+    }
+
+
+def _frozen(model: torch.nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def save_checkpoint(trainer: Any, manager: CheckpointManager) -> Path:
+    """Write `step-N/`: the weights (only the trainable ones and buffers for LoRA-style strategies, whose
+    frozen base is rebuilt from its source on resume), the optimizer and the training state."""
+    model = trainer.raw_model
+    frozen = _frozen(model) if trainer.strategy.checkpoint_trainable_only else set()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in frozen}
+    return manager.save(trainer.global_step, {
+        "model.safetensors": lambda p: save_state_dict(state, p),
+        "optimizer.pt": torch_save(trainer.optimizer.state_dict()),
+        "trainer_state.pt": torch_save(training_state(trainer)),
+    })
+
+
+def resume_newest(trainer: Any, manager: CheckpointManager) -> Path:
+    """Restore the newest checkpoint that verifies and loads; a damaged one (truncated, tampered, a
+    pickle that is not weights-only) is reported and an older one is tried."""
+    for path in manager.candidates():
+        try:
+            verify_folder(path)
+            state = torch_load(path / "trainer_state.pt")
+            weights = load_state_dict_file(path / "model.safetensors", verified=True)
+            optim_state = torch_load(path / "optimizer.pt")
+            if not isinstance(state, dict) or "global_step" not in state:
+                raise CheckpointError(f"{path / 'trainer_state.pt'}: not a tunelab training state")
+        except CheckpointError as e:
+            print(f"warning: checkpoint {path.name} refused: {e}; falling back to an older one", file=sys.stderr)
+            continue
+        _restore(trainer, path, state, weights, optim_state)
+        return path
+    raise TunelabError(
+        f"{trainer.output_dir}: no valid checkpoint to resume from (checkpoints are written every "
+        "train.checkpoint_every steps, else at each epoch end, and at the end of the run; this run stopped "
+        "before its first one, its checkpoints are damaged, or it had train.checkpoints=false); "
+        "start it afresh with --overwrite"
+    )
+
+
+def _check_data(trainer: Any, saved: dict[str, Any] | None) -> None:
+    """Refuse to resume on data that changed since the checkpoint (or note it with allow_data_change)."""
+    from tunelab.data.base import fingerprint_changes
+
+    changes = fingerprint_changes(saved or {}, trainer.data_fingerprint)
+    if not changes:
+        return
+    if not trainer.allow_data_change:
+        raise DataError(f"{changes[0]}; resume on the data the run started with, or pass --allow-data-change "
+                        "to continue on the new data")
+    print("warning: resuming on changed data: " + "; ".join(changes), file=sys.stderr)
+    trainer.log_on_resume = {**trainer.log_on_resume, "data_changed": changes}
+
+
+def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], trainable_only: bool,
+                  path: Path) -> None:
+    if not trainable_only:
+        model.load_state_dict(weights)
+        return
+    # Frozen base weights were not saved: they come from the pretrained source the run was rebuilt from.
+    # Everything else must be there, and nothing unknown.
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    bad = sorted(set(missing) - _frozen(model)) + sorted(unexpected)
+    if bad:
+        raise TunelabError(f"{path}: the checkpoint does not fit this model (e.g. {bad[0]!r}); was the run's "
+                           "model or strategy changed since it was saved?")
+
+
+def _load_optimizer(trainer: Any, optim_state: dict[str, Any], path: Path) -> None:
+    """The saved optimizer state under this run's settings (lr, weight decay, betas, momentum): a resume with
+    optim.lr=X trains at X (the changed setting is logged), never only reports it. The schedule continues
+    from the saved step on this run's length (a --resume that extends max_steps follows the new schedule)."""
+    optimizer, scheduler = trainer.optimizer, trainer.scheduler
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    saved_keys = [set(g) - {"params"} for g in optim_state.get("param_groups", [])]
+    if len(saved_keys) != len(fresh) or any(k != set(f) for k, f in zip(saved_keys, fresh)):
+        raise TunelabError(f"{path}: the checkpoint's optimizer does not fit this run's (optim.name, "
+                           "param_groups or the strategy changed); resume with the run's own settings")
+    optimizer.load_state_dict(optim_state)
+    for group, settings in zip(optimizer.param_groups, fresh):
+        group.update(settings)
+    scheduler.base_lrs = [g["initial_lr"] for g in fresh]
+    step = scheduler.last_epoch
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(step)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def _restore(trainer: Any, path: Path, state: dict[str, Any], weights: dict[str, torch.Tensor],
+             optim_state: dict[str, Any]) -> None:
+    _check_data(trainer, json.loads(state["data"]) if "data" in state else None)
+    _load_weights(trainer.raw_model, weights, bool(state.get("trainable_only")), path)
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    _load_optimizer(trainer, optim_state, path)
+    if trainer.step.scaler is not None and state["scaler"]:
+        trainer.step.scaler.load_state_dict(state["scaler"])
+    trainer.global_step, trainer.epoch = state["global_step"], state["epoch"]
+    trainer.batch_in_epoch = state["batch_in_epoch"]
+    trainer.best = json.loads(state["best"])
+    trainer.last_eval = json.loads(state.get("last_eval", "null"))
+    trainer.meter.window = state["window"]
+    for cb, cb_state in zip(trainer.callbacks, state["callbacks"]):
+        cb.load_state_dict(cb_state)
+    set_rng_state(state["rng"])

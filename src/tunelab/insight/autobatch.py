@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import TunelabError
 from tunelab.insight.plan import longest_example_batch
+from tunelab.registry import RESOLVERS
 
 if TYPE_CHECKING:
     from tunelab.config import RunConfig
@@ -64,40 +65,32 @@ def search_micro_batch(fits: Callable[[int], bool], effective: int) -> AutoBatch
 
 
 def gpu_step_fits(cfg: RunConfig, run: Any, device: Any, headroom: float = 0.9) -> Callable[[int], bool]:
-    """A `fits(m)` that runs one real training step at micro-batch m on the GPU."""
+    """A `fits(m)` that runs one real training step (`engine.step.TrainStep`) at micro-batch m on the GPU;
+    the trial steps leave the weights and the RNG as they were."""
     import torch
 
-    from tunelab.engine.trainer import resolve_precision, to_device
+    from tunelab.engine.step import TrainStep, restored
     from tunelab.optim import build_optimizer
 
     model = run.model.to(device)
     run.strategy.on_epoch_start(model, 0)
-    autocast = resolve_precision(cfg.train.precision, device)
-    saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     limit = headroom * torch.cuda.get_device_properties(device).total_memory
 
     def fits(m: int) -> bool:
-        optimizer = None
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        step = TrainStep.for_run(model, run.task, cfg.train, device,
+                                 optimizer=build_optimizer(model, cfg.optim, run.lr_scales, device))
         try:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            optimizer = build_optimizer(model, cfg.optim, run.lr_scales, device)
-            batch = to_device(longest_example_batch(run.data, run.data.collate_fn, m), device)
-            model.train()
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                out = run.task.forward(model, batch)
-                loss = run.task.loss_sum(out, batch) / run.task.count_targets(batch).to(device)
-            loss.backward()
-            optimizer.step()
-            torch.cuda.synchronize(device)
+            with restored(model):
+                model.train()
+                step([longest_example_batch(run.data, run.data.collate_fn, m)])
+                torch.cuda.synchronize(device)
             return torch.cuda.max_memory_allocated(device) <= limit
         except torch.cuda.OutOfMemoryError:
             return False
         finally:
-            if optimizer is not None:
-                optimizer.zero_grad(set_to_none=True)
-            del optimizer
-            model.load_state_dict(saved)  # the trial steps must not change the weights
+            del step
             torch.cuda.empty_cache()
 
     return fits
@@ -107,7 +100,7 @@ def find_micro_batch_for_config(cfg: RunConfig, log=print, headroom: float = 0.9
     """Build the run and search its micro-batch on the GPU (a TunelabError on a machine without one)."""
     import torch
 
-    from tunelab.engine.trainer import pick_device
+    from tunelab.engine.step import pick_device
     from tunelab.run import build_run
 
     device = pick_device(cfg.train.device)
@@ -126,11 +119,22 @@ def find_micro_batch_for_config(cfg: RunConfig, log=print, headroom: float = 0.9
     return result
 
 
+@RESOLVERS.register("train.auto_batch")
 def resolve_auto_batch(cfg: RunConfig, log=print) -> RunConfig:
-    """A copy of `cfg` with the largest micro-batch that fits and the accumulation that keeps the effective
-    batch. (The lead's `train.batch_size: auto` would call this, as `optim.lr: auto` calls the LR finder.)"""
-    result = find_micro_batch_for_config(cfg, log=log)
+    """`train.auto_batch: true`: a copy of `cfg` with the largest micro-batch that fits on the GPU and the
+    accumulation that keeps the effective batch; on other devices the recipe's sizes. config.yaml records
+    the resolved sizes (`auto_batch` off), so a resume reuses them."""
+    import torch
+
+    from tunelab.engine.step import pick_device
+
+    device = pick_device(cfg.train.device)
     new = cfg.model_copy(deep=True)
-    new.train.batch_size = result.micro_batch
-    new.train.grad_accum = result.grad_accum
+    if device.type == "cuda" and torch.cuda.is_available():
+        result = find_micro_batch_for_config(cfg, log=log)
+        new.train.batch_size, new.train.grad_accum = result.micro_batch, result.grad_accum
+    else:
+        log(f"auto batch: searches GPU memory; on {device} the recipe's micro-batch "
+            f"{cfg.train.batch_size} x accumulation {cfg.train.grad_accum} is kept")
+    new.train.auto_batch = False
     return new

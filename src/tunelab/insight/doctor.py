@@ -19,10 +19,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab.engine.callbacks import Callback
-from tunelab.errors import ConfigError
+from tunelab.callbacks import Callback
+from tunelab.config import validate_options
+from tunelab.registry import CALLBACKS
 
 if TYPE_CHECKING:
     from tunelab.config import RunConfig
@@ -53,13 +54,7 @@ class DoctorOptions(BaseModel):
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> DoctorOptions:
-        try:
-            return cls.model_validate(cfg.doctor.kwargs)
-        except ValidationError as e:
-            err = e.errors()[0]
-            key = ".".join(str(p) for p in err["loc"])
-            known = ", ".join(cls.model_fields)
-            raise ConfigError(f"`doctor.{key}`: {err['msg']} (doctor keys: {known})") from e
+        return validate_options(cls, cfg, "doctor")
 
 
 @dataclass
@@ -477,22 +472,8 @@ class Doctor(Callback):
         self.reported = {k: Diagnosis(**d) for k, d in state.get("reported", {}).items()}
 
 
-class ReportWriter(Callback):
-    """Writes report.html at the end of every run, completed, stopped early or diverged."""
-
-    def __init__(self, dpi: int = 80):
-        self.dpi = dpi
-
-    def on_fit_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
-        if not trainer.is_main or trainer.output_dir is None:
-            return
-        if trainer._metrics_file is not None:
-            trainer._metrics_file.flush()
-        try:
-            from tunelab.insight.report import write_report
-
-            path = write_report(trainer.output_dir, summary=summary, dpi=self.dpi)
-        except Exception as e:  # a report must never cost the user a finished run
-            print(f"warning: could not write the HTML report ({type(e).__name__}: {e})", file=sys.stderr)
-            return
-        summary["report"] = str(path)
+@CALLBACKS.register("doctor")
+def doctor_callbacks(cfg: RunConfig, data: Any) -> list[Callback]:
+    """The doctor on every run, unless `doctor.enabled: false`."""
+    options = DoctorOptions.from_config(cfg)
+    return [Doctor(options)] if options.enabled else []

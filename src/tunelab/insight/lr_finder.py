@@ -11,8 +11,6 @@ more than 10x from either, min/10 is suggested instead (`--rule` picks one rule 
 
 from __future__ import annotations
 
-import argparse
-import copy
 import hashlib
 import json
 import math
@@ -21,7 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tunelab.callbacks import Callback
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.registry import RESOLVERS
 
 if TYPE_CHECKING:
     import torch
@@ -104,6 +104,43 @@ def min_div10_lr(lrs: list[float], smoothed: list[float]) -> float | None:
 # -- the range test -------------------------------------------------------------------------------------
 
 
+class RangeTest(Callback):
+    """The range test as a callback on the ordinary training loop: the schedule grows the LR exponentially
+    from `start_lr` to `end_lr` over `num_steps`; each step's loss is recorded and smoothed, and the run
+    stops once the smoothed loss exceeds `diverge_factor` x its minimum."""
+
+    def __init__(self, start_lr: float, end_lr: float, num_steps: int, beta: float, diverge_factor: float):
+        self.start_lr, self.ratio, self.num_steps = start_lr, end_lr / start_lr, num_steps
+        self.beta, self.diverge_factor = beta, diverge_factor
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+        self.smoothed: list[float] = []
+        self.diverged = False
+        self._avg, self._best = 0.0, math.inf
+
+    def lr_at(self, i: int) -> float:
+        return self.start_lr * self.ratio ** (i / (self.num_steps - 1))
+
+    def on_fit_start(self, trainer: Any) -> None:
+        import torch
+
+        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            trainer.optimizer, lambda i: self.ratio ** (min(i, self.num_steps - 1) / (self.num_steps - 1)))
+        trainer.step.scheduler = trainer.scheduler
+
+    def on_step_end(self, trainer: Any, logs: dict[str, Any]) -> None:
+        i = trainer.global_step - 1
+        value = float(logs["loss"])
+        self._avg = self.beta * self._avg + (1 - self.beta) * value
+        smooth = self._avg / (1 - self.beta ** (i + 1))
+        self.lrs.append(self.lr_at(i))
+        self.losses.append(value)
+        self.smoothed.append(smooth)
+        self._best = min(self._best, smooth)
+        if i > 0 and smooth > self.diverge_factor * self._best:
+            self.diverged, trainer.should_stop = True, True
+
+
 def lr_range_test(
     model: torch.nn.Module,
     task: Task,
@@ -120,20 +157,21 @@ def lr_range_test(
     diverge_factor: float = 4.0,
     clip_grad_norm: float | None = None,
     device: torch.device | str | None = None,
-    autocast_dtype: torch.dtype | None = None,
+    precision: str = "fp32",
     seed: int = 0,
     rule: str = "checked",
     optimizer: torch.optim.Optimizer | None = None,
+    strategy: Any = None,
 ) -> LRFinderResult:
-    """Run the range test on `model` with a fresh optimizer built like training's (same parameter groups,
-    LR scales and weight decay); the model's weights, train/eval mode, trainable flags, the RNG state and
-    `optimizer` (when one is given) are restored afterwards, so training starts exactly as without it."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from tunelab.data.base import ResumableBatchSampler, collate_dicts
-    from tunelab.engine.trainer import to_device
-    from tunelab.optim import build_optimizer
+    """Run the range test on `model`: a short run of the ordinary training loop (an optimizer built like
+    training's: same parameter groups, LR scales and weight decay) driven by `RangeTest`. The model's
+    weights, train/eval mode, trainable flags, the RNG state and `optimizer` (when one is given) are
+    restored afterwards, so training starts exactly as without it."""
+    # Stays whole (over 60 lines): the range test's knobs are its signature (as fastai's lr_find); the body is short.
+    from tunelab.config import ScheduleSection, TrainSection
+    from tunelab.engine.step import restored
+    from tunelab.engine.trainer import Trainer
+    from tunelab.errors import TrainingDiverged
 
     if not 0 < start_lr < end_lr:
         raise ConfigError(f"lr-find: need 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
@@ -143,107 +181,36 @@ def lr_range_test(
         raise ConfigError(f"lr-find: unknown rule {rule!r}; choose one of {', '.join(RULES)}")
     if dataset is None or len(dataset) == 0:
         raise TunelabError("lr-find: the training dataset is empty")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    saved_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    saved_opt = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
-    saved_rng = torch.get_rng_state()
-    was_training = model.training
-
-    opt = build_optimizer(model, optim.model_copy(update={"lr": 1.0}), lr_scales, device)
-    scales = [g["lr"] for g in opt.param_groups]  # per-group multipliers of the swept base LR
-    sampler = ResumableBatchSampler(len(dataset), batch_size, shuffle=True, seed=seed)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn or collate_dicts)
-    params = [p for p in model.parameters() if p.requires_grad]
-    ratio = end_lr / start_lr
-    lrs: list[float] = []
-    losses: list[float] = []
-    smoothed: list[float] = []
-    avg, best, diverged = 0.0, math.inf, False
-    epoch, it = 0, iter(loader)
-    torch.manual_seed(seed)
-    model.train()
-    try:
-        for i in range(num_steps):
-            lr = start_lr * ratio ** (i / (num_steps - 1))
-            for g, s in zip(opt.param_groups, scales):
-                g["lr"] = s * lr
-            try:
-                batch = next(it)
-            except StopIteration:
-                epoch += 1
-                sampler.set_epoch(epoch)
-                it = iter(loader)
-                batch = next(it)
-            batch = to_device(batch, device)
-            with (
-                torch.autocast(device.type, dtype=autocast_dtype)
-                if autocast_dtype is not None
-                else torch.enable_grad()
-            ):
-                out = task.forward(model, batch)
-                loss = task.loss_sum(out, batch) / task.count_targets(batch).to(device).clamp(min=1e-12)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                diverged = True
-                break
-            loss.backward()
-            if clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            avg = beta * avg + (1 - beta) * value
-            smooth = avg / (1 - beta ** (i + 1))
-            lrs.append(lr)
-            losses.append(value)
-            smoothed.append(smooth)
-            best = min(best, smooth)
-            if i > 0 and smooth > diverge_factor * best:
-                diverged = True
-                break
-    finally:
-        model.load_state_dict(saved_model)
-        for n, p in model.named_parameters():
-            p.requires_grad_(saved_flags[n])
-        if optimizer is not None:
-            optimizer.load_state_dict(saved_opt)
-        torch.set_rng_state(saved_rng)
-        model.train(was_training)
-        del opt
+    device = str(device) if device is not None else str(next(model.parameters()).device)
+    test = RangeTest(start_lr, end_lr, num_steps, beta, diverge_factor)
+    train = TrainSection(max_steps=num_steps, batch_size=batch_size, log_every=1, checkpoints=False,
+                         clip_grad_norm=clip_grad_norm, device=device, precision=precision, seed=seed)
+    with restored(model, optimizer):
+        trainer = Trainer(model, task, dataset, optim=optim.model_copy(update={"lr": start_lr}),
+                          schedule=ScheduleSection(), train=train, callbacks=[test], collate_fn=collate_fn,
+                          lr_scales=lr_scales, strategy=strategy)
+        try:
+            trainer.fit()
+        except TrainingDiverged:  # a non-finite loss: the curve ends there
+            test.diverged = True
+    lrs, smoothed = test.lrs, test.smoothed
     if len(lrs) < 5:
         raise TunelabError(
             f"lr-find: the loss diverged after {len(lrs)} steps, already at lr {start_lr:g}; lower the start "
             f"(--start-lr) or check the data and the model's initialisation"
         )
-    skip = max(1, len(lrs) // 10)
-    steep = steepest_lr(lrs, smoothed, skip)
-    valley = valley_lr(lrs, smoothed)
-    mind = min_div10_lr(lrs, smoothed)
-    picks = {"steepest": steep, "valley": valley, "min_div10": mind}
+    steep = steepest_lr(lrs, smoothed, max(1, len(lrs) // 10))
+    valley, mind = valley_lr(lrs, smoothed), min_div10_lr(lrs, smoothed)
+    result = LRFinderResult(lrs, test.losses, smoothed, 0.0, rule, steep, valley, mind, test.diverged, start_lr,
+                            end_lr, num_steps)
     if rule == "checked":
         # steepest descent, cross-checked: when it lies more than 10x from valley or min/10, it is usually
         # sitting on the divergence cliff (SST-2/AdamW: steepest 1.1e-3 trained to chance, min/10 to the
         # best of the grid), so min/10 is taken instead
-        trial = LRFinderResult(
-            [], [], [], 0.0, rule, steep, valley, mind, diverged, start_lr, end_lr, num_steps
-        )
-        suggestion = steep if steep and trial.agree else (mind or valley)
+        result.suggestion = float(steep if steep and result.agree else (mind or valley))
     else:
-        suggestion = picks[rule] or valley or mind
-    return LRFinderResult(
-        lrs,
-        losses,
-        smoothed,
-        float(suggestion),
-        rule,
-        steep,
-        valley,
-        mind,
-        diverged,
-        start_lr,
-        end_lr,
-        num_steps,
-    )
+        result.suggestion = float({"steepest": steep, "valley": valley, "min_div10": mind}[rule] or valley or mind)
+    return result
 
 
 # -- from a config ---------------------------------------------------------------------------------------
@@ -267,18 +234,12 @@ def find_lr(
 ) -> LRFinderResult:
     """Build the run described by `cfg`, run the range test on it, write lr_finder.json/.png into
     `output_dir` (default: the config's output.dir) and return the result."""
-    from tunelab.engine.trainer import pick_device, resolve_precision
+    from tunelab.engine.step import pick_device
     from tunelab.run import build_run
 
     run = build_run(cfg, log=log)
-    device = pick_device(cfg.train.device)
-    model = run.model.to(device)
-    run.strategy.on_epoch_start(model, 0)  # what trains in the first epoch (freeze/finetune strategies)
-    if hasattr(run.strategy, "on_train_mode"):
-        model.train()
-        run.strategy.on_train_mode(model)
     result = lr_range_test(
-        model,
+        run.model,
         run.task,
         run.data.train,
         optim=cfg.optim,
@@ -289,10 +250,11 @@ def find_lr(
         end_lr=end_lr,
         num_steps=num_steps,
         clip_grad_norm=cfg.train.clip_grad_norm,
-        device=device,
-        autocast_dtype=resolve_precision(cfg.train.precision, device),
+        device=pick_device(cfg.train.device),
+        precision=cfg.train.precision,
         seed=cfg.train.seed,
         rule=rule,
+        strategy=run.strategy,
     )
     out = Path(output_dir) if output_dir is not None else cfg.output_dir
     write_result(result, out, _fingerprint(cfg))
@@ -322,7 +284,7 @@ def write_result(result: LRFinderResult, out: Path, fingerprint: str = "") -> No
         atomic_write_bytes(out / "lr_finder.png", base64.b64decode(png))
 
 
-def _describe(result: LRFinderResult) -> str:
+def describe(result: LRFinderResult) -> str:
     def f(v: float | None) -> str:
         return f"{v:.2e}" if v else "n/a"
 
@@ -333,6 +295,7 @@ def _describe(result: LRFinderResult) -> str:
     )
 
 
+@RESOLVERS.register("optim.lr")
 def resolve_auto_lr(cfg: RunConfig, log=print) -> RunConfig:
     """`optim.lr: auto`: run the range test (or reuse the one already in output.dir for this same config,
     e.g. when resuming) and return a copy of `cfg` with the suggested LR."""
@@ -349,62 +312,8 @@ def resolve_auto_lr(cfg: RunConfig, log=print) -> RunConfig:
             suggestion = None
     if suggestion is None:
         result = find_lr(cfg, log=log)
-        log(_describe(result))
+        log(describe(result))
         suggestion = result.suggestion
     new = cfg.model_copy(deep=True)
     new.optim.lr = float(suggestion)
     return new
-
-
-# -- CLI -------------------------------------------------------------------------------------------------
-
-
-def cmd_lr_find(args: argparse.Namespace) -> int:
-    from tunelab.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    if cfg.optim.lr == "auto":
-        cfg.optim.lr = 1e-3  # the value is not used: the test sweeps it
-    result = find_lr(
-        cfg,
-        args.start_lr,
-        args.end_lr,
-        args.steps,
-        args.rule,
-        args.output,
-        log=lambda m: print(m, file=sys.stderr),
-    )
-    out = Path(args.output) if args.output else cfg.output_dir
-    print(_describe(result), file=sys.stderr)
-    print(f"wrote {out / 'lr_finder.png'} and {out / 'lr_finder.json'}", file=sys.stderr)
-    print(
-        json.dumps(
-            {
-                "suggestion": result.suggestion,
-                "rule": result.rule,
-                "steepest": result.steepest,
-                "valley": result.valley,
-                "min_div10": result.min_div10,
-                "diverged": result.diverged,
-                "steps": len(result.lrs),
-            }
-        )
-    )
-    return 0
-
-
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("lr-find", help="LR range test: suggest a learning rate, plot the curve")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    p.add_argument("--start-lr", type=float, default=1e-7)
-    p.add_argument("--end-lr", type=float, default=10.0)
-    p.add_argument("--steps", type=int, default=100, help="number of LR values tried (default 100)")
-    p.add_argument(
-        "--rule",
-        choices=RULES,
-        default="checked",
-        help="checked (default): steepest unless 10x from valley or min/10, then min/10",
-    )
-    p.add_argument("--output", help="folder for lr_finder.png/json (default: the config's output.dir)")
-    p.set_defaults(func=cmd_lr_find)

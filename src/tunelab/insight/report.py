@@ -1,7 +1,7 @@
 """The HTML run report: one self-contained `report.html` (inline CSS, PNG figures as data URIs, no
 scripts, no network) per run, and a comparison page for several runs on shared axes.
 
-Written at the end of every CLI run (`tunelab.insight.doctor.ReportWriter`, also for runs that diverged)
+Written at the end of every CLI run (`ReportWriter` below, also for runs that diverged)
 and on demand:
     tunelab report RUN_DIR                 # rewrites RUN_DIR/report.html
     tunelab report RUN_A RUN_B -o cmp.html # compares runs
@@ -10,7 +10,6 @@ Everything comes from the run directory: metrics.jsonl, summary.json, config.yam
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -21,12 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.callbacks import Callback
+from tunelab.config import validate_options
+from tunelab.errors import TunelabError
+from tunelab.registry import CALLBACKS
 
 if TYPE_CHECKING:
     from tunelab.config import RunConfig
+    from tunelab.engine.trainer import Trainer
 
 Record = dict[str, Any]
 
@@ -40,14 +43,7 @@ class ReportOptions(BaseModel):
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> ReportOptions:
-        try:
-            return cls.model_validate(cfg.report.kwargs)
-        except ValidationError as e:
-            err = e.errors()[0]
-            key = ".".join(str(p) for p in err["loc"])
-            raise ConfigError(
-                f"`report.{key}`: {err['msg']} (report keys: {', '.join(cls.model_fields)})"
-            ) from e
+        return validate_options(cls, cfg, "report")
 
 
 # -- reading a run directory -----------------------------------------------------------------------------
@@ -621,25 +617,28 @@ def write_comparison(run_dirs: list[str | Path], output: str | Path, dpi: int = 
     return out
 
 
-# -- CLI -------------------------------------------------------------------------------------------------
+# -- the end-of-run writer -------------------------------------------------------------------------------
+class ReportWriter(Callback):
+    """Writes report.html at the end of every run, completed, stopped early or diverged."""
+
+    def __init__(self, dpi: int = 80):
+        self.dpi = dpi
+
+    def on_fit_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        if not trainer.is_main or trainer.output_dir is None:
+            return
+        if trainer._metrics_file is not None:
+            trainer._metrics_file.flush()
+        try:
+            path = write_report(trainer.output_dir, summary=summary, dpi=self.dpi)
+        except Exception as e:  # a report must never cost the user a finished run
+            print(f"warning: could not write the HTML report ({type(e).__name__}: {e})", file=sys.stderr)
+            return
+        summary["report"] = str(path)
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    if len(args.run_dirs) == 1:
-        out = write_report(args.run_dirs[0], output=args.output, dpi=args.dpi)
-    else:
-        out = write_comparison(args.run_dirs, args.output or "report-compare.html", dpi=args.dpi)
-    print(f"wrote {out}", file=sys.stderr)
-    return 0
-
-
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("report", help="write report.html for a run, or compare several runs on shared axes")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument(
-        "-o",
-        "--output",
-        help="output HTML (default: RUN_DIR/report.html; report-compare.html for several runs)",
-    )
-    p.add_argument("--dpi", type=int, default=80)
-    p.set_defaults(func=cmd_report)
+@CALLBACKS.register("report")
+def report_callbacks(cfg: RunConfig, data: Any) -> list[Callback]:
+    """report.html at the end of every run, unless `report.enabled: false`."""
+    options = ReportOptions.from_config(cfg)
+    return [ReportWriter(options.dpi)] if options.enabled else []

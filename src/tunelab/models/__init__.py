@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,37 +31,31 @@ class ModelEntry:
     load: Callable[[Path, dict[str, Any]], nn.Module] | None = None
     # `save`/`load` keep a peft adapter as an adapter (final/ = PEFT folder); else LoRA is merged on save
     adapters: bool = False
+    # What the source tells data sources (`block_size`, `image_preset`): fn(name, kwargs) -> dict
+    hints: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None
 
 
-def register_model(name: str, save=None, load=None, adapters: bool = False):
-    """Decorator: register a builder `fn(**kwargs) -> nn.Module` under `name`."""
+def register_model(name: str, save=None, load=None, adapters: bool = False, hints=None):
+    """Decorator: register a builder `fn(**kwargs) -> nn.Module` under `name` (see ModelEntry)."""
 
     def deco(fn):
-        MODELS.register(name, ModelEntry(fn, save, load, adapters))
+        MODELS.register(name, ModelEntry(fn, save, load, adapters, hints))
         return fn
 
     return deco
 
 
-def _import_object(path: str) -> Any:
-    module_name, _, attr = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise TunelabError(f"model `{path}`: cannot import module `{module_name}` ({e})") from e
-    try:
-        obj = module
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except AttributeError as e:
-        raise TunelabError(f"model `{path}`: module `{module_name}` has no `{attr}`") from e
-    return obj
-
-
 def names_code(name: str) -> bool:
     """Whether model name `name` is a `module:attr` import path (code to import), not a registered source."""
-    prefix = name.partition(":")[0]
-    return ":" in name and ("." in prefix or prefix not in MODELS)
+    return MODELS.is_import_path(name)
+
+
+def _is_model_class_or_builder(obj: Any) -> bool:
+    builders = {id(e.build) for e in MODELS.entries().values()}
+    return (isinstance(obj, type) and issubclass(obj, nn.Module)) or id(obj) in builders
+
+
+MODELS.accepts = _is_model_class_or_builder
 
 
 def resolve_builder(name: str) -> tuple[ModelEntry, dict[str, Any]]:
@@ -74,14 +67,9 @@ def resolve_builder(name: str) -> tuple[ModelEntry, dict[str, Any]]:
             prefix, _, arch = name.partition(":")
             return MODELS.get(prefix), {"arch": arch}
         return MODELS.get(name), {}
-    obj = _import_object(name)
+    obj = MODELS.resolve(name)
     registered = {id(e.build): e for e in MODELS.entries().values()}
-    if id(obj) in registered:
-        return registered[id(obj)], {}
-    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-        raise TunelabError(f"model `{name}` is a {type(obj).__name__}, not an nn.Module subclass or a builder "
-                           "registered with @tunelab.register_model")
-    return ModelEntry(obj), {}
+    return registered.get(id(obj)) or ModelEntry(obj), {}
 
 
 def check_trusted(spec: dict[str, Any], trust_code: bool, where: str | Path) -> None:
@@ -108,21 +96,18 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     return model
 
 
+def keeps_adapters(spec: dict[str, Any]) -> bool:
+    """Whether the source's folder format holds a peft adapter as an adapter (else LoRA is merged on save)."""
+    return resolve_builder(spec["name"])[0].adapters
+
+
 def save_model_folder(model: nn.Module, folder: Path, spec: dict[str, Any]) -> None:
     """Write `folder` so that `load_model_folder` rebuilds the model: the source's own format when it has
     one (a Hugging Face folder), else model.safetensors plus tunelab_model.json naming the builder."""
-    from tunelab.weights import save_state_dict
+    from tunelab.weights import save_state_dict, unwrap_model
 
     folder.mkdir(parents=True, exist_ok=True)
     entry, _ = resolve_builder(spec["name"])
-    if not entry.adapters and hasattr(model, "peft_config"):
-        # LoRA on a model whose folder format has no adapters (a classifier, a CNN): save the merged model,
-        # a plain folder that every tool loads; the training model keeps its adapters.
-        import copy
-
-        from tunelab.export import merge_lora
-
-        model = merge_lora(copy.deepcopy(unwrap_model(model)))
     if entry.save is not None:
         entry.save(model, folder, spec)
     else:
@@ -132,7 +117,7 @@ def save_model_folder(model: nn.Module, folder: Path, spec: dict[str, Any]) -> N
 
 def load_model_folder(folder: Path, trust_code: bool = False) -> nn.Module:
     """Rebuild the model a tunelab final/ or best/ folder holds (see `check_trusted` for `trust_code`)."""
-    from tunelab.weights import load_state_dict_file
+    from tunelab.weights import load_state_dict_file, unwrap_model
 
     meta = folder / MODEL_JSON
     if not meta.is_file():
@@ -154,14 +139,3 @@ def load_model_folder(folder: Path, trust_code: bool = False) -> nn.Module:
     state = load_state_dict_file(folder / "model.safetensors", verified=verified)
     unwrap_model(model).load_state_dict(state, strict=True)
     return model
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module under DDP/FSDP and torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model

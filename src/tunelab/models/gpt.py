@@ -28,7 +28,6 @@ from torch.utils.checkpoint import checkpoint
 
 from tunelab.errors import ConfigError, did_you_mean
 from tunelab.models import register_model
-from tunelab.registry import GENERATORS
 
 Flavour = Literal["gpt2", "llama"]
 
@@ -366,7 +365,12 @@ def gpt2_init(model: nn.Module, std: float = 0.02) -> None:
                 nn.init.zeros_(module.bias)
 
 
-@register_model("gpt")
+def gpt_hints(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What the `tokens` data source asks the model source (through the registry): its context length."""
+    return {"block_size": kwargs.get("block_size") or SIZES.get(kwargs.get("size") or "baby", {}).get("block_size")}
+
+
+@register_model("gpt", hints=gpt_hints)
 def gpt(
     size: str | None = "baby",
     flavour: Flavour | None = None,
@@ -390,37 +394,6 @@ def gpt(
     GPTConfig defaults) with any field overridden."""
     overrides = {k: v for k, v in locals().items() if k != "size"}
     return GPT(gpt_config(size, **overrides))
-
-
-# -- `tunelab generate RUN_DIR --prompt ...` ---------------------------------------------------------
-
-
-@GENERATORS.register("gpt")
-def generate_from_run(target: str, args: Any) -> None:
-    """`tunelab generate RUN_DIR --prompt ...`: load the run's model and tokenizer, print one sample.
-    Reads --max-new-tokens, --temperature (0 = greedy), --top-k, --top-p, --seed, --best."""
-    from pathlib import Path
-
-    from tunelab.run import load_run
-    from tunelab.tokenizers import load_run_tokenizer
-
-    run = load_run(target, which="best" if getattr(args, "best", False) else "final", with_data=False,
-                   trust_code=getattr(args, "trust_code", False))
-    tokenizer = load_run_tokenizer(Path(run.run_dir))
-    model = run.model.eval()
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(int(getattr(args, "seed", 0) or 0))
-    ids = tokenizer.encode(args.prompt) or [tokenizer.eos_id or 0]
-    out = model.generate(
-        torch.tensor([ids], device=device),
-        max_new_tokens=int(getattr(args, "max_new_tokens", 128)),
-        temperature=float(getattr(args, "temperature", 0.8)),
-        top_k=getattr(args, "top_k", None),
-        top_p=getattr(args, "top_p", None),
-        eos_id=tokenizer.eos_id,
-        generator=generator,
-    )
-    print(tokenizer.decode(out[0].tolist()))
 
 
 __all__ = ["GPT", "GPTConfig", "SIZES", "gpt", "gpt_config", "gpt2_init", "sample_next"]

@@ -10,7 +10,6 @@ is a plain Hugging Face folder (config.json with id2label, model.safetensors, to
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
 import types
 from pathlib import Path
@@ -19,45 +18,16 @@ from typing import Any
 import torch.nn as nn
 
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.models import register_model, unwrap_model
-from tunelab.models.hub import resolve_model_path
+from tunelab.hub import resolve_model_path
+from tunelab.models import register_model
+from tunelab.tokenizers import check_hf_tokenizer_files, load_hf_tokenizer
+from tunelab.weights import unwrap_model
 
-# Any one of these makes a folder's tokenizer loadable by AutoTokenizer.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "vocab.txt",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "tokenizer.model",
-    "vocab.json",
-)
 # Parameters a linear probe (`strategy.name: freeze`) trains; everything else is the encoder.
 HEAD_PATTERNS = ["classifier.*", "score.*"]
 _LAYER_RE = re.compile(r"\.(?:layer|layers|h|block)\.(\d+)\.")
 # Heads that read only the first position of the last hidden state (through the pooler).
 _CLS_POOLED_CLASSES = {"BertForSequenceClassification"}
-
-
-def check_tokenizer_files(folder: str) -> None:
-    """Raise when a local model folder has no tokenizer files (a bare weights export, say)."""
-    local = Path(folder)
-    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
-        raise ConfigError(
-            f"model folder {local} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
-            f"copy them from the model the weights came from"
-        )
-
-
-def load_tokenizer(path: str | os.PathLike) -> Any:
-    """The tokenizer of a model folder, `pkg://` folder or hub id, with a one-line error when missing."""
-    from transformers import AutoTokenizer
-
-    source = resolve_model_path(path)
-    check_tokenizer_files(source)
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise TunelabError(f"cannot load a tokenizer from `{path}`: {str(e).splitlines()[0]}") from e
 
 
 def _label_maps(
@@ -175,9 +145,9 @@ def save_hf(model: nn.Module, folder: Path, spec: dict[str, Any]) -> None:
     """Write a Hugging Face folder: config.json (with id2label), model.safetensors, tokenizer files."""
     raw = unwrap_model(model)
     raw.save_pretrained(folder)
-    source = getattr(raw, "tunelab_tokenizer_source", None) or resolve_model_path(spec["kwargs"]["path"])
+    source = getattr(raw, "tunelab_tokenizer_source", None) or resolve_model_path(spec["kwargs"]["path"], gguf=False)
     if Path(source).resolve() != Path(folder).resolve():
-        load_tokenizer(source).save_pretrained(folder)
+        load_hf_tokenizer(source).save_pretrained(folder)
 
 
 def load_hf(folder: Path, spec: dict[str, Any]) -> nn.Module:
@@ -213,8 +183,8 @@ def hf(
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    source = resolve_model_path(path)
-    check_tokenizer_files(source)
+    source = resolve_model_path(path, gguf=False)
+    check_hf_tokenizer_files(source)
     n, mapping = _label_maps(num_labels, id2label)
     extra: dict[str, Any] = dict(config_overrides or {})
     extra["num_labels"] = n

@@ -6,12 +6,11 @@ the last linear layer for a fresh `num_classes` one and records the head's param
 `model.tunelab_head_patterns`, so strategies know what to train first and `load_pretrained` can skip it.
 
 `backbone_preset(name)` gives the eval transform the backbone was trained with (resize, crop, mean, std);
-the image data sources build their transforms from it.
+the image data sources build their transforms from it (asking through the registry's `model_hint`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,29 +19,12 @@ import torch.nn as nn
 from tunelab.errors import ConfigError, TunelabError, did_you_mean
 from tunelab.models import register_model
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 NO_WEIGHTS = (None, False, "none", "None", "")
 
 
-@dataclass(frozen=True)
-class Preset:
-    """How a backbone expects its images: resize the short side, centre-crop, normalise."""
-
-    crop_size: int = 224
-    resize_size: int = 256
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    interpolation: str = "bilinear"
-
-    def scaled(self, crop_size: int) -> Preset:
-        """The same preset at another crop size, keeping the resize/crop ratio (224/256 -> 0.875)."""
-        resize = round(crop_size * self.resize_size / self.crop_size)
-        return Preset(crop_size, resize, self.mean, self.std, self.interpolation)
-
-
-def backbone_preset(name: str) -> Preset:
-    """The eval preset of model `name` (`torchvision:ARCH`, `timm:ARCH`); ImageNet defaults otherwise.
+def backbone_preset(name: str) -> dict[str, Any] | None:
+    """How backbone `name` (`torchvision:ARCH`, `timm:ARCH`) expects its images: `crop_size`,
+    `resize_size`, `mean`, `std`, `interpolation` (None when the source does not say).
 
     Taken from the weights' metadata even when the model is built without weights, so a checkpoint loaded
     later through `pretrained.path` sees the normalisation it was trained with. Needs no network."""
@@ -53,31 +35,26 @@ def backbone_preset(name: str) -> Preset:
         try:
             t = tvm.get_model_weights(arch).DEFAULT.transforms()
         except (ValueError, KeyError, AttributeError):
-            return Preset()
-        return Preset(
-            int(t.crop_size[0]),
-            int(t.resize_size[0]),
-            tuple(t.mean),
-            tuple(t.std),
-            str(t.interpolation.value),
-        )
+            return None
+        return {"crop_size": int(t.crop_size[0]), "resize_size": int(t.resize_size[0]), "mean": tuple(t.mean),
+                "std": tuple(t.std), "interpolation": str(t.interpolation.value)}
     if source == "timm" and arch:
         try:
             import timm
         except ImportError:
-            return Preset()
+            return None
         cfg = timm.get_pretrained_cfg(arch)
         if cfg is None:
-            return Preset()
+            return None
         crop = int(cfg.input_size[-1])
-        return Preset(
-            crop,
-            int(round(crop / (cfg.crop_pct or 0.875))),
-            tuple(cfg.mean),
-            tuple(cfg.std),
-            str(cfg.interpolation or "bilinear"),
-        )
-    return Preset()
+        return {"crop_size": crop, "resize_size": int(round(crop / (cfg.crop_pct or 0.875))), "mean": tuple(cfg.mean),
+                "std": tuple(cfg.std), "interpolation": str(cfg.interpolation or "bilinear")}
+    return None
+
+
+def vision_hints(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What the image data sources ask the model source (through the registry): its preset."""
+    return {"image_preset": backbone_preset(name)}
 
 
 # -- head replacement ------------------------------------------------------------------------------------
@@ -141,7 +118,7 @@ def _torchvision_weights(arch: str, weights: Any) -> Any:
     return enum[key]
 
 
-@register_model("torchvision")
+@register_model("torchvision", hints=vision_hints)
 def torchvision_model(
     arch: str,
     num_classes: int | None = None,
@@ -178,7 +155,7 @@ def torchvision_model(
 
 
 # -- timm ------------------------------------------------------------------------------------------------
-@register_model("timm")
+@register_model("timm", hints=vision_hints)
 def timm_model(
     arch: str,
     num_classes: int | None = None,
@@ -211,9 +188,3 @@ def timm_model(
     names = [classifier] if isinstance(classifier, str) else list(classifier)
     model.tunelab_head_patterns = [f"{n}.*" for n in names]
     return use_channels_last(model) if channels_last else model
-
-
-# The `image_classification` task (mixup/cutmix soft targets) lives with the image data sources; import them
-# so that a run rebuilt from its folder (`tunelab predict/eval`) finds the task by name even when it builds
-# no data. (Remove once the task registry's lazy table names `tunelab.data.images`.)
-import tunelab.data.images  # noqa: E402, F401

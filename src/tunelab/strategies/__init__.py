@@ -16,7 +16,7 @@ wrapped, and per-parameter learning-rate scales) and may change what is trainabl
 from __future__ import annotations
 
 import fnmatch
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch.nn as nn
 
@@ -92,8 +92,34 @@ def freeze_batchnorm_stats(model: nn.Module) -> None:
                 module.eval()
 
 
+@runtime_checkable
+class StrategyProtocol(Protocol):
+    """What the engine calls on a strategy (an out-of-tree one may implement it without subclassing)."""
+
+    name: str
+    checkpoint_trainable_only: bool  # checkpoints hold only trainable weights (the base is rebuilt: LoRA)
+
+    def setup(self, model: nn.Module) -> tuple[nn.Module, dict[str, float] | None]:
+        """Prepare the model before the optimizer is built: (model, per-parameter LR scales or None)."""
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        """Change what trains at each epoch (freeze/unfreeze)."""
+
+    def on_train_mode(self, model: nn.Module) -> None:
+        """After model.train(): e.g. keep frozen BatchNorm layers in eval mode."""
+
+    def model_to_save(self, model: nn.Module, keeps_adapters: bool) -> nn.Module:
+        """The model final/ and best/ hold."""
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        """What it trains, for the logs."""
+
+
 class Strategy:
+    """The base strategy: everything trains (subclass it and override what changes)."""
+
     name = "full"
+    checkpoint_trainable_only = False
 
     def setup(self, model: nn.Module) -> tuple[nn.Module, dict[str, float] | None]:
         return model, None
@@ -103,6 +129,10 @@ class Strategy:
     def on_train_mode(self, model: nn.Module) -> None:
         """Called after model.train(): keep frozen BatchNorm layers in eval mode."""
         freeze_batchnorm_stats(model)
+
+    def model_to_save(self, model: nn.Module, keeps_adapters: bool) -> nn.Module:
+        """The model final/ and best/ hold (the LoRA strategy merges its adapters for formats without them)."""
+        return model
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         total = sum(p.numel() for p in model.parameters())
@@ -204,10 +234,15 @@ class GradualUnfreeze(Freeze):
         set_trainable(model, names)
 
 
+STRATEGIES.accepts = lambda obj: isinstance(obj, type) and all(
+    callable(getattr(obj, m, None)) for m in ("setup", "on_epoch_start", "on_train_mode", "model_to_save", "describe"))
+
+
 def build_strategy(cfg: RunConfig) -> Strategy:
+    """The strategy `strategy.name` names (registered, or a class at import path `pkg.module:Class`)."""
     kwargs = cfg.strategy.kwargs
     name = kwargs.pop("name")
-    cls = STRATEGIES.get(name)
+    cls = STRATEGIES.resolve(name)
     try:
         check_kwargs(cls.__init__, kwargs, "strategy")
     except ConfigError as e:  # e.g. `strategy.name=full` over a LoRA recipe keeps its r, alpha, ...
@@ -215,7 +250,12 @@ def build_strategy(cfg: RunConfig) -> Strategy:
             f"{e} (for strategy `{name}`); to switch strategies from the command line, replace the whole "
             f"section: 'strategy={{name: {name}}}'"
         ) from None
-    return cls(**kwargs)
+    strategy = cls(**kwargs)
+    if not isinstance(strategy, StrategyProtocol):
+        raise ConfigError(f"strategy `{name}` lacks part of the Strategy protocol (name, checkpoint_trainable_only, "
+                          "setup, on_epoch_start, on_train_mode, model_to_save, describe); subclass "
+                          "tunelab.strategies.Strategy")
+    return strategy
 
 
-__all__ = ["Strategy", "build_strategy", "layer_groups", "freeze_batchnorm_stats"]
+__all__ = ["Strategy", "StrategyProtocol", "build_strategy", "layer_groups", "freeze_batchnorm_stats"]

@@ -103,7 +103,44 @@ class LoRA(Strategy):
             raise
         return peft_model, None
 
+    def model_to_save(self, model: nn.Module, keeps_adapters: bool) -> nn.Module:
+        """A model whose folder format has no adapters (a classifier, a CNN) is saved merged: a plain folder
+        every tool loads; the training model keeps its adapters."""
+        if keeps_adapters or not hasattr(model, "peft_config"):
+            return model
+        import copy
+
+        from tunelab.weights import unwrap_model
+
+        return merge_lora(copy.deepcopy(unwrap_model(model)))
+
     def describe(self, model: nn.Module) -> dict[str, Any]:
         out = super().describe(model)
         out.update(r=self.r, alpha=self.alpha, target_modules=self.target_modules)
         return out
+
+
+def merge_lora(model: Any) -> Any:
+    """peft's `merge_and_unload`, rounded once: W + scale * B @ A is computed in float64 and cast to W's
+    dtype (peft rounds the delta to W's dtype first, then the sum). Other adapter kinds use peft's merge."""
+    import torch
+    from peft.tuners.lora import Linear as LoraLinear
+
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, LoraLinear):
+                continue
+            base = module.get_base_layer()
+            for name in module.active_adapters:
+                if name not in module.lora_A:
+                    continue
+                if getattr(module, "lora_variant", {}).get(name) is not None or module.use_dora.get(name):
+                    module.merge(adapter_names=[name])
+                    continue
+                module.lora_A[name].double()
+                module.lora_B[name].double()
+                delta = module.get_delta_weight(name).double()
+                base.weight.data = (base.weight.data.double() + delta).to(base.weight.dtype)
+                if module.lora_bias.get(name, False) and base.bias is not None:
+                    base.bias.data += module.lora_B[name].bias.to(base.bias.dtype)
+    return model.unload()

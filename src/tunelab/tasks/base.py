@@ -119,7 +119,11 @@ def register_task(name: str):
     return TASKS.register(name)
 
 
+TASKS.accepts = lambda obj: isinstance(obj, type) and issubclass(obj, Task)
+
+
 def build_task(name: str, loss: LossSection | None = None, **kwargs: Any) -> Task:
-    cls = TASKS.get(name)
+    """The task registered as `name` (or the Task subclass at import path `pkg.module:Class`)."""
+    cls = TASKS.resolve(name)
     check_kwargs(cls.__init__, kwargs, "task", internal=("loss",))
     return cls(loss=loss, **kwargs)

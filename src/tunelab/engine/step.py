@@ -1,0 +1,173 @@
+"""One training step, written once: the Trainer, the LR finder, auto batch size and the plan's measuring
+probe all call it.
+
+Forward each micro-batch of the accumulation window under the run's precision, take the *summed* loss
+over its targets, divide by the number of targets in the whole window across all ranks (so `batch 4 x
+accumulation 2` gives the update of `batch 8` even when micro-batches hold different numbers of targets),
+backward, then unscale (fp16), clip, step the optimizer and the schedule, and say whether the loss was
+finite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from tunelab.config import TrainSection
+from tunelab.engine.distributed import all_reduce_sum
+from tunelab.errors import ConfigError, DataError
+
+Batch = dict[str, Any]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for fp32. `auto`: bf16 on GPUs that support it, fp32 elsewhere."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("`train.precision` = 'fp16' is not supported on CPU; use bf16 or fp32")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+@dataclass
+class StepResult:
+    loss_sum: torch.Tensor  # summed loss over the window's targets on this rank (detached)
+    targets: torch.Tensor  # targets in the window across all ranks
+    grad_norm: torch.Tensor | None  # the total gradient norm (when clipping, or when asked for)
+
+    @property
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.loss_sum))
+
+
+class TrainStep:
+    """Forward/backward over an accumulation window and the optimizer update, for `model` (possibly
+    compiled or DDP-wrapped) and `task`. Without an optimizer it still forwards (evaluation, probes)."""
+
+    def __init__(self, model: nn.Module, task: Any, device: torch.device, *, autocast_dtype: torch.dtype | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+                 clip_grad_norm: float | None = None, world_size: int = 1):
+        self.model, self.task, self.device = model, task, device
+        self.autocast_dtype, self.optimizer, self.scheduler = autocast_dtype, optimizer, scheduler
+        self.clip_grad_norm, self.world_size = clip_grad_norm, world_size
+        # fp16 needs loss scaling; bf16 and fp32 do not
+        self.scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
+
+    @classmethod
+    def for_run(cls, model: nn.Module, task: Any, train: TrainSection, device: torch.device | None = None,
+                **kw: Any) -> TrainStep:
+        """A step with a run's device and precision (`train.device`, `train.precision`, `clip_grad_norm`)."""
+        device = device or pick_device(train.device)
+        return cls(model, task, device, autocast_dtype=resolve_precision(train.precision, device),
+                   clip_grad_norm=train.clip_grad_norm, **kw)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def forward(self, batch: Batch) -> tuple[Any, torch.Tensor]:
+        """(outputs, summed loss) of one micro-batch already on the device, under the run's precision."""
+        with self.autocast():
+            out = self.task.forward(self.model, batch)
+            return out, self.task.loss_sum(out, batch)
+
+    def _no_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """DDP all-reduces gradients only on the window's last backward."""
+        if last or not isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def backward(self, micro: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward over the window: the gradient is that of (summed loss) / (targets in the
+        window across ranks). Returns (loss sum on this rank, total targets)."""
+        micro = [to_device(b, self.device) for b in micro]
+        counts = [self.task.count_targets(b) for b in micro]
+        total = all_reduce_sum(torch.stack(counts).sum().to(self.device).float())
+        if total.item() <= 0:
+            raise DataError("a batch has no targets (are all its labels ignored?)")
+        scale = self.world_size / total  # DDP averages gradients over ranks; this makes it sum / total
+        loss_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro):
+            with self._no_sync(i == len(micro) - 1):
+                _, part = self.forward(batch)
+                loss = part * scale
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            loss_sum += part.detach()
+        return loss_sum, total
+
+    def update(self, want_grad_norm: bool = False) -> torch.Tensor | None:
+        """Unscale (fp16), clip, optimizer step, zero the gradients, schedule step. Returns the gradient
+        norm when clipping or when asked for (it costs a pass over the gradients)."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = None
+        if self.clip_grad_norm:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+        elif want_grad_norm:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return norm
+
+    def __call__(self, micro: list[Batch], want_grad_norm: bool = False) -> StepResult:
+        """One optimizer step over the window `micro`."""
+        loss_sum, total = self.backward(micro)
+        return StepResult(loss_sum, total, self.update(want_grad_norm))
+
+
+@contextlib.contextmanager
+def restored(model: nn.Module, *optimizers: torch.optim.Optimizer | None) -> Iterator[None]:
+    """Trial steps that must leave no trace: the model's weights, train/eval mode and trainable flags, the
+    optimizers' state and the CPU RNG are put back afterwards (the LR finder, auto batch size)."""
+    import copy
+
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    states = [copy.deepcopy(o.state_dict()) if o is not None else None for o in optimizers]
+    rng, training = torch.get_rng_state(), model.training
+    try:
+        yield
+    finally:
+        model.load_state_dict(weights)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+            p.grad = None
+        for o, s in zip(optimizers, states):
+            if o is not None:
+                o.load_state_dict(s)
+        torch.set_rng_state(rng)
+        model.train(training)
