@@ -26,10 +26,11 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from repeats import run_round_robin, summarize  # bench/repeats.py (this script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "instruct" / "alpaca_data_1k.json"
@@ -42,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--side", choices=SIDES, help="run one side in this process (used by the parent)")
     p.add_argument("--sides", default=",".join(SIDES))
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=3, help="run the sides round-robin N times; report medians")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--max-length", type=int, default=256)
@@ -65,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--acceptance", metavar="RUN_DIR", help="check a finished LoRA run against the issue's bar"
     )
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on every side (GPU runs); default fp32")
     return p.parse_args(argv)
 
 
@@ -74,9 +77,12 @@ def peak_rss_mb() -> float:
 
 # -- shared pieces (same code for every side) -----------------------------------------------------------------
 def split_records(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
-    from tunelab.data.chat import _split, read_records
+    from tunelab.data.base import holdout_split
+    from tunelab.data.chat import read_records
 
-    return _split(read_records(args.data), args.eval_size, 0)
+    records = read_records(args.data)
+    train, held = holdout_split(len(records), args.eval_size, 0, "--eval-size")
+    return [records[i] for i in train], [records[i] for i in held]
 
 
 def lora_config():
@@ -141,11 +147,52 @@ def held_out_loss(model, tokenizer, records: list[dict], max_length: int) -> flo
     return total / count
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def trl_arguments(args: argparse.Namespace, job: str) -> dict:
+    """The TRL config every bench side shares: sizes, steps, a constant LR, fp32 on the CPU, no saving."""
+    return dict(
+        output_dir=f"/tmp/bench-{job}-trl-{os.getpid()}",
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_length=args.max_length,
+        seed=args.seed,
+        bf16=bool(getattr(args, "bf16", False)),  # fp32 numerics like tunelab unless --bf16 (TRL's default: bf16)
+        use_cpu=not _cuda(),
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1000,
+        dataloader_num_workers=0,
+    )
+
+
+def trl_timer(timer: dict[str, float]):
+    """A transformers TrainerCallback timing training from its first to its last step into `timer`."""
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            mark_start(timer)
+
+        def on_train_end(self, *a, **k):
+            mark_end(timer)
+
+    return Timer()
+
+
 # -- sides -------------------------------------------------------------------------------------------------------
 def run_trl(args: argparse.Namespace, tuned: bool) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     from tunelab.hub import resolve_model_path
@@ -165,40 +212,18 @@ def run_trl(args: argparse.Namespace, tuned: bool) -> dict:
     train_ds = Dataset.from_list([to_prompt_completion(r) for r in train_recs])
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     config = SFTConfig(
-        output_dir=f"/tmp/bench-sft-trl-{os.getpid()}",
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        max_steps=args.steps,
-        learning_rate=args.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_length=args.max_length,
-        seed=args.seed,
-        bf16=False,  # fp32 numerics like the other sides (TRL's default is bf16 autocast)
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1000,
-        dataloader_num_workers=0,
+        **trl_arguments(args, "sft"),
         **({"packing": True, "padding_free": True, "gradient_checkpointing": False} if tuned else {}),
     )
     counter = {"tokens": 0}
     timer: dict[str, float] = {}
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            mark_start(timer)
-
-        def on_train_end(self, *a, **k):
-            mark_end(timer)
-
     trainer = SFTTrainer(
         model=model,
         args=config,
         train_dataset=train_ds,
         processing_class=tokenizer,
         peft_config=lora_config(),
-        callbacks=[Timer()],
+        callbacks=[trl_timer(timer)],
     )
     collate = trainer.data_collator
 
@@ -213,9 +238,8 @@ def run_trl(args: argparse.Namespace, tuned: bool) -> dict:
 
 
 def run_ours(args: argparse.Namespace) -> dict:
-    from tunelab.callbacks import Callback
     from tunelab.config import load_config
-    from tunelab.run import build_run, make_trainer
+    from tunelab.run import build_run
     from tunelab.tokenizers import load_hf_tokenizer
 
     train_recs, eval_recs = split_records(args)
@@ -251,6 +275,7 @@ def run_ours(args: argparse.Namespace) -> dict:
                 "grad_accum": args.grad_accum,
                 "seed": args.seed,
                 "log_every": 1000,
+                "precision": "bf16" if args.bf16 else "fp32",
             },
             "output": {"dir": str(tmp / "run"), "progress": False, "tensorboard": False},
             "doctor": {"enabled": False},
@@ -258,11 +283,22 @@ def run_ours(args: argparse.Namespace) -> dict:
         }
     )
     run = build_run(cfg, log=lambda m: None)
+    tokens, timer, trainer = fit_timed(run, lambda samples: sum(len(s["input_ids"]) for s in samples))
+    loss = held_out_loss(trainer.raw_model, load_hf_tokenizer(GGUF), eval_recs, args.max_length)
+    return measured(tokens, timer, loss)
+
+
+def fit_timed(run, tokens_of) -> tuple[int, dict[str, float], object]:
+    """Train a built tunelab run, timing it from the first to the last step and counting `tokens_of(samples)`
+    over the batches it collates. Returns (tokens, timer, trainer)."""
+    from tunelab.callbacks import Callback
+    from tunelab.run import make_trainer
+
     counter = {"tokens": 0}
     collate = run.data.collate_fn
 
     def counting_collate(samples: list[dict]) -> dict:
-        counter["tokens"] += sum(len(s["input_ids"]) for s in samples)
+        counter["tokens"] += tokens_of(samples)
         return collate(samples)
 
     run.data.collate_fn = counting_collate
@@ -277,8 +313,7 @@ def run_ours(args: argparse.Namespace) -> dict:
 
     trainer = make_trainer(run, [Timer()])
     trainer.fit()
-    loss = held_out_loss(trainer.raw_model, load_hf_tokenizer(GGUF), eval_recs, args.max_length)
-    return measured(counter["tokens"], timer, loss)
+    return counter["tokens"], timer, trainer
 
 
 def acceptance(run_dir: Path) -> dict:
@@ -395,6 +430,39 @@ def run_side(args: argparse.Namespace) -> None:
     print(json.dumps({"side": args.side, **out}), flush=True)
 
 
+def run_sides(script: str, args: argparse.Namespace, argv: list[str] | None) -> list[dict[str, dict]]:
+    """Run `script --side S` with this command line (minus --sides) for each side in `args.sides`, each in
+    its own subprocess, round-robin `args.repeats` times; echo each side's JSON line to stderr. Returns one
+    {side: its JSON line} per repeat."""
+    raw = list(argv if argv is not None else sys.argv[1:])
+    passthrough = []  # the command line minus --sides and --repeats (as `--x X` or `--x=X`)
+    while raw:
+        a = raw.pop(0)
+        if a in ("--sides", "--repeats"):
+            raw.pop(0)
+        elif not a.startswith(("--sides=", "--repeats=")):
+            passthrough.append(a)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return run_round_robin(args.repeats, args.sides.split(","), lambda side, _rep: (
+        [sys.executable, script, "--side", side, *passthrough], side_env(side, args, env)), cwd=REPO)
+
+
+def _rate(rep: dict, num: str, den: str, key: str = "tokens_per_s") -> float:
+    return rep[num][key] / rep[den][key]
+
+
+# The final line's figures, each computed per repeat (then the median over repeats)
+FIGURES = {
+    "speedup": lambda r: _rate(r, "ours", "peer"),
+    "rss_ratio": lambda r: r["ours"]["peak_rss_mb"] / r["peer"]["peak_rss_mb"],
+    "loss_delta": lambda r: r["ours"]["eval_loss"] - r["peer"]["eval_loss"],
+    "speedup_vs_tuned": lambda r: _rate(r, "ours", "peer_tuned"),
+    # the same ratios per CPU-second: what survives a shared, oversubscribed CPU
+    "cpu_speedup_vs_peer": lambda r: _rate(r, "ours", "peer", "tokens_per_cpu_s"),
+    "cpu_speedup_vs_tuned": lambda r: _rate(r, "ours", "peer_tuned", "tokens_per_cpu_s"),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.acceptance:
@@ -403,49 +471,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.side:
         run_side(args)
         return
-    results: dict[str, dict] = {}
-    cpu_rate: dict[str, float] = {}
-    raw = list(argv if argv is not None else sys.argv[1:])
-    passthrough = []  # the command line minus --sides (as `--sides X` or `--sides=X`)
-    while raw:
-        a = raw.pop(0)
-        if a == "--sides":
-            raw.pop(0)
-        elif not a.startswith("--sides="):
-            passthrough.append(a)
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    for side in args.sides.split(","):
-        proc = subprocess.run(
-            [sys.executable, __file__, "--side", side, *passthrough],
-            capture_output=True,
-            text=True,
-            env=side_env(side, args, env),
-            cwd=REPO,
-        )
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            sys.stderr.write(proc.stderr[-3000:])
-            raise SystemExit(f"side {side} failed (exit {proc.returncode})")
-        res = json.loads(lines[-1])
-        print(json.dumps(res), file=sys.stderr, flush=True)
-        results[side] = {k: round(res[k], 4) for k in ("tokens_per_s", "peak_rss_mb", "eval_loss")}
-        results[side]["malloc"] = res["malloc"]
-        cpu_rate[side] = res.get("tokens_per_cpu_s", float("nan"))
-    final: dict = dict(results)
-    if {"peer", "ours"} <= results.keys():
-        final["speedup"] = round(results["ours"]["tokens_per_s"] / results["peer"]["tokens_per_s"], 3)
-        final["rss_ratio"] = round(results["ours"]["peak_rss_mb"] / results["peer"]["peak_rss_mb"], 3)
-        final["loss_delta"] = round(results["ours"]["eval_loss"] - results["peer"]["eval_loss"], 4)
-    if {"peer_tuned", "ours"} <= results.keys():
-        final["speedup_vs_tuned"] = round(
-            results["ours"]["tokens_per_s"] / results["peer_tuned"]["tokens_per_s"], 3
-        )
-    if "ours" in cpu_rate:  # the same ratios per CPU-second: what survives a shared, oversubscribed CPU
-        final["cpu_speedup"] = {k: round(cpu_rate["ours"] / v, 3) for k, v in cpu_rate.items() if k != "ours"}
+    final = summarize(run_sides(__file__, args, argv), FIGURES)
     final["config"] = {
         k: getattr(args, k)
         for k in ("steps", "batch_size", "grad_accum", "max_length", "lr", "eval_size", "seed", "ours_checkpointing",
-                  "peer_malloc", "ours_malloc")
+                  "peer_malloc", "ours_malloc", "repeats")
     }
     print(json.dumps(final))
 

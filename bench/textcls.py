@@ -1,7 +1,10 @@
 """Text classification, side by side: the Hugging Face Trainer vs tunelab on all-MiniLM-L6-v2 + SST-2.
 
     .venv/bin/python bench/textcls.py --n 8000            # peer (defaults), peer (tuned), ours
-    .venv/bin/python bench/textcls.py --n 512 --sides peer,ours
+    .venv/bin/python bench/textcls.py --n 512 --sides peer,ours --repeats 1
+
+With --repeats N (default 3) the sides run round-robin N times; each side's figures are medians over its runs,
+each ratio is the median of the per-repeat ratios, and every run is kept (`repeats`).
 
 Same model, the first N rows of SST-2 train.tsv, the full dev set, batch 32, AdamW lr 5e-5 with linear
 decay and 6% warmup, weight decay 0.01, 1 epoch, max length 64, seed 0, fp32 on CPU. Each side runs in its
@@ -23,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from repeats import summarize  # bench/repeats.py (this script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("TUNELAB_SHARED_DATA", REPO.parent / "shared" / "data")) / "sst2"
@@ -240,6 +245,24 @@ def run_child(side: str, argv: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _rate(rep: dict, num: str, den: str) -> float:
+    return rep[num]["samples_per_s"] / rep[den]["samples_per_s"]
+
+
+# The final line's figures, each computed per repeat (then the median over repeats)
+FIGURES = {
+    "speedup": lambda r: _rate(r, "ours", "peer"),
+    "acc_delta": lambda r: r["ours"]["dev_acc"] - r["peer"]["dev_acc"],
+    "rss_ratio": lambda r: r["ours"]["peak_rss_mb"] / r["peer"]["peak_rss_mb"],
+    # CPU seconds per sample, a second view that shared-machine load distorts less than wall time
+    "speedup_cpu_time": lambda r: r["peer"]["train_cpu_s"] / r["ours"]["train_cpu_s"],
+    "speedup_vs_tuned": lambda r: _rate(r, "ours", "peer_tuned"),
+    "acc_delta_vs_tuned": lambda r: r["ours"]["dev_acc"] - r["peer_tuned"]["dev_acc"],
+    "speedup_bf16": lambda r: _rate(r, "ours_bf16", "peer"),
+    "acc_delta_bf16": lambda r: r["ours_bf16"]["dev_acc"] - r["peer"]["dev_acc"],
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=8000)
@@ -252,6 +275,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads on every side (default: torch's)")
     p.add_argument("--ours-malloc", choices=["default", "system"], default="default",
                    help="tunelab's malloc (default: mimalloc on Linux, as `tunelab train` runs it); peers: glibc's")
+    p.add_argument("--repeats", type=int, default=3, help="run the sides round-robin N times; report medians")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -281,38 +305,24 @@ def main() -> None:
     if args.ours_overrides:
         argv += ["--ours-overrides", *args.ours_overrides]
     sides = args.sides.split(",")
-    results: dict = {"n_train": args.n, "device": args.device, "precision": "bf16" if args.bf16 else "fp32"}
+    results: dict = {"n_train": args.n, "device": args.device, "precision": "bf16" if args.bf16 else "fp32",
+                     "repeats_n": args.repeats}
     if args.device == "cpu":
         peak = run_child("peak", argv)
         results["matmul_peak_gflops"] = round(peak["gflops"], 1)
         results["bf16_matmul_peak_gflops"] = round(peak["bf16_gflops"], 1)
     flops_per_token = 6 * nonembedding_params()
-    for side in sides:
-        r = run_child(side, argv)
-        r["model_gflops_per_s"] = flops_per_token * r["tokens"] / r["train_s"] / 1e9
-        if "matmul_peak_gflops" in results:
-            r["peak_fraction"] = r["model_gflops_per_s"] / results["matmul_peak_gflops"]
-        results[side] = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
-        print(f"{side}: {json.dumps(results[side])}", file=sys.stderr)
-    if "peer" in results and "ours" in results:
-        ours, peer = results["ours"], results["peer"]
-        results["speedup"] = round(ours["samples_per_s"] / peer["samples_per_s"], 3)
-        results["acc_delta"] = round(ours["dev_acc"] - peer["dev_acc"], 4)
-        results["rss_ratio"] = round(ours["peak_rss_mb"] / peer["peak_rss_mb"], 3)
-        # CPU seconds per sample, a second view that shared-machine load distorts less than wall time
-        results["speedup_cpu_time"] = round(peer["train_cpu_s"] / ours["train_cpu_s"], 3)
-    if "peer_tuned" in results and "ours" in results:
-        results["speedup_vs_tuned"] = round(
-            results["ours"]["samples_per_s"] / results["peer_tuned"]["samples_per_s"], 3
-        )
-        results["acc_delta_vs_tuned"] = round(
-            results["ours"]["dev_acc"] - results["peer_tuned"]["dev_acc"], 4
-        )
-    if "ours_bf16" in results and "peer" in results:
-        results["speedup_bf16"] = round(
-            results["ours_bf16"]["samples_per_s"] / results["peer"]["samples_per_s"], 3
-        )
-        results["acc_delta_bf16"] = round(results["ours_bf16"]["dev_acc"] - results["peer"]["dev_acc"], 4)
+    repeats: list[dict[str, dict]] = []
+    for rep in range(args.repeats):  # round-robin: a change of machine load hits every side alike
+        repeats.append({})
+        for side in sides:
+            r = run_child(side, argv)
+            r["model_gflops_per_s"] = flops_per_token * r["tokens"] / r["train_s"] / 1e9
+            if "matmul_peak_gflops" in results:
+                r["peak_fraction"] = r["model_gflops_per_s"] / results["matmul_peak_gflops"]
+            repeats[-1][side] = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+            print(json.dumps({side: repeats[-1][side], "repeat": rep}), file=sys.stderr, flush=True)
+    results.update(summarize(repeats, FIGURES))
     results["date"] = time.strftime("%Y-%m-%d")
     results["load_avg_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps(results))

@@ -1,9 +1,9 @@
 """Vision fine-tuning, side by side: the PyTorch transfer-learning tutorial loop vs tunelab's Trainer.
 
-    .venv/bin/python bench/vision.py                                   # plain vs ours, 112 px, 40 steps
+    .venv/bin/python bench/vision.py                                   # plain vs ours, 112 px, 40 steps, 3 repeats
     .venv/bin/python bench/vision.py --steps 8 --image-size 64         # a quick look
     .venv/bin/python bench/vision.py --sides plain,ours,ours_channels_last,ours_compile
-    .venv/bin/python bench/vision.py --repeats 3                       # alternate the sides, keep medians
+    .venv/bin/python bench/vision.py --repeats 1                       # one run per side
 
 Same model (torchvision resnet18, random weights, 2-class head, full fine-tuning), same data (the
 hymenoptera train folder, ImageFolder layout), same transforms (RandomResizedCrop + horizontal flip +
@@ -16,6 +16,8 @@ the first window is the warm-up, and the grad norm and the log line are paid onc
 any logging interval (the default is 10). Variants: `ours_channels_last` (model channels_last=true)
 and `ours_compile` (train.compile=true; the first compile is in the warm-up steps, the recompile for the
 last, smaller batch of an epoch is counted). The last line printed is one JSON object with every side's figures and the ratios.
+With --repeats N (default 3) the sides alternate N times; each side shows its median run and keeps every run
+(`runs`), and each ratio is the median of the per-repeat ratios (`ratio_per_repeat`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -165,7 +168,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=8, help="first steps left out of the timing (both sides); "
                    "also tunelab's log_every")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each side (0: torch's default)")
-    p.add_argument("--repeats", type=int, default=1, help="runs per side (alternating); the median is kept")
+    p.add_argument("--repeats", type=int, default=3, help="runs per side (alternating); medians reported")
     p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     p.add_argument("--ours-malloc", choices=["default", "system"], default="default",
                    help="tunelab's malloc (default: mimalloc on Linux, as `tunelab train` runs it); plain: glibc's")
@@ -202,16 +205,14 @@ def main() -> None:
             print(f"{side}: {json.dumps(runs[side][-1])}", file=sys.stderr)
     for side, rs in runs.items():
         middle = sorted(rs, key=lambda r: r["images_per_s"])[(len(rs) - 1) // 2]  # the median run
-        results[side] = {**middle, "runs_images_per_s": [r["images_per_s"] for r in rs]}
-    base = results.get("plain", {}).get("images_per_s")
-    ours = results.get("ours", {}).get("images_per_s")
-    if base and ours:
-        results["ratio"] = round(ours / base, 3)  # target >= 1.0
-    for variant in ("ours_channels_last", "ours_compile"):
-        if ours and variant in results:
-            results[f"{variant.removeprefix('ours_')}_vs_ours"] = round(
-                results[variant]["images_per_s"] / ours, 3
-            )
+        results[side] = {**middle, "runs": rs}
+    ratios = {"ratio": ("ours", "plain")}  # name: (numerator, denominator); target >= 1.0
+    ratios.update({f"{v.removeprefix('ours_')}_vs_ours": (v, "ours") for v in ("ours_channels_last", "ours_compile")})
+    for name, (num, den) in ratios.items():
+        if num in runs and den in runs:  # round-robin pairs: the median of per-repeat ratios
+            per_repeat = [a["images_per_s"] / b["images_per_s"] for a, b in zip(runs[num], runs[den])]
+            results[name] = round(statistics.median(per_repeat), 3)
+            results[f"{name}_per_repeat"] = [round(r, 3) for r in per_repeat]
     results["load_avg_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(results))
 

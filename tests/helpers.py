@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +21,20 @@ def run_cli(*args: str, check: bool = True, timeout: int = 600, env: dict | None
     if check and proc.returncode != 0:
         raise AssertionError(f"tunelab {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def kill_once_written(path: Path, *args: str, env: dict | None = None, timeout: int = 300) -> None:
+    """Start `tunelab ARGS`, SIGKILL it as soon as `path` (e.g. a checkpoint folder) exists, and reap it.
+    Fails if the run ends before it could be killed."""
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, "run finished before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:

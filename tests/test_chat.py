@@ -231,3 +231,19 @@ def test_data_file_path_is_read_relative_to_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert read_records("x.json") == [{"text": "a"}]
     assert Path("x.json").is_file()
+
+
+def test_the_console_says_records_packed_rows_and_what_was_dropped(shared_data, smollm_gguf):
+    from tunelab.data.base import describe_splits
+
+    cfg = load_config({"model": {"name": "hf_causal_lm", "path": str(smollm_gguf)}, "task": {"name": "causal_lm"},
+                       "data": {"name": "instruct", "path": str(shared_data / "instruct" / "alpaca_data_1k.json"),
+                                "max_length": 64, "limit": 120, "eval_size": 20}})
+    bundle = build_instruct(cfg)
+    info = bundle.info
+    assert info["records"] == {"train": 100, "eval": 20} and info["dropped"] > 0  # long prompts fill 64 tokens
+    text = describe_splits(bundle)
+    assert text.startswith(f"train 100 records packed into {len(bundle.train)} rows, eval 20 records in "
+                           f"{len(bundle.eval)} rows; {info['dropped']} records dropped (no response token left "
+                           "within data.max_length=64")
+    assert len(bundle.train) <= info["train_examples"] < 100  # rows hold the kept records

@@ -263,3 +263,26 @@ def test_checks_on_records_need_both_curves():
     assert check_overfitting(flat_train, evals, o) is None
     assert check_class_imbalance([50, 45, 40], o) is None
     assert check_class_imbalance([50, 0, 40], o).kind == "class_imbalance"
+
+
+def _preference_evals(margins, logps, rewards):
+    return [{"event": "eval", "step": 10 * (i + 1), "loss": 0.69 - 0.01 * i, "reward_margin": m,
+             "logp_chosen": lp, "reward_chosen": rc, "reward_accuracy": 0.6}
+            for i, (m, lp, rc) in enumerate(zip(margins, logps, rewards))]
+
+
+def test_preference_findings_margin_collapse_and_falling_chosen_likelihood():
+    o = DoctorOptions()
+    trains = [{"event": "train", "step": s, "loss": 0.69 - s / 500, "lr": 1e-4} for s in range(5, 45, 5)]
+    healthy = _preference_evals([0.1, 0.3, 0.5, 0.6], [-50.0, -50.2, -49.8, -50.5], [0.05, 0.1, 0.2, 0.2])
+    assert diagnose_records(trains + healthy, o) == []  # nor underfitting: a DPO loss near ln 2 is normal
+    collapsed = _preference_evals([0.1, 0.4, 0.2, 0.01], [-50.0] * 4, [0.0] * 4)
+    (d,) = diagnose_records(trains + collapsed, o)
+    assert d.kind == "margin_collapse" and d.step == 40
+    assert "rose to 0.4 (step 20) and fell to 0.01 (step 40)" in d.evidence and "optim.lr" in d.remedy
+    displaced = _preference_evals([0.1, 0.5, 0.9, 1.2], [-50.0, -52.0, -55.0, -58.0], [-0.1, -0.3, -0.5, -0.8])
+    (d,) = diagnose_records(trains + displaced, o)
+    assert d.kind == "chosen_likelihood_falling" and "fell from -50 to -58, chosen reward -0.8" in d.evidence
+    assert "task.nll_weight" in d.remedy
+    above_reference = _preference_evals([0.1, 1.2], [-50.0, -58.0], [0.1, 0.2])  # still above the reference
+    assert diagnose_records(trains + above_reference, o) == []

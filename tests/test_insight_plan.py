@@ -60,6 +60,19 @@ def test_plan_breakdown_for_the_digits_recipe():
     assert half.activations_bytes == pytest.approx(plan.activations_bytes / 2, rel=0.01)
 
 
+def test_plan_adds_the_process_baseline_a_user_sees_and_says_where_its_time_went():
+    from tunelab.insight.plan import format_plan, process_rss_bytes
+
+    plan = make_plan(load_config("recipes/digits-cnn.yaml"), 24 * 2**30, log=lambda m: None, time_device=False)
+    # this process (torch, the test suite, the digits) holds far more than the run's tensors; less than it has now
+    assert plan.total_bytes < plan.baseline_bytes <= process_rss_bytes()
+    assert plan.process_peak_bytes == plan.baseline_bytes + plan.total_bytes  # CPU: the tensors are in the process
+    assert set(plan.seconds) >= {"build the run (data: read + tokenise; model: load)",
+                                 "probe: one forward/backward on the longest example"}
+    text = format_plan(plan)
+    assert "process total" in text and "peak_rss_mb" in text and "the plan took" in text
+
+
 def test_small_budget_offers_levers_that_fit(capsys):
     rc = main(["plan", "recipes/digits-cnn.yaml", "train.batch_size=512", "--budget", "34MB", "--json"])
     assert rc == 0

@@ -38,6 +38,7 @@ _EXPORTS = {
     "train": "tunelab.run",
     "build_run": "tunelab.run",
     "load_run": "tunelab.run",
+    "sweep": "tunelab.sweeps",
     "TunelabError": "tunelab.errors",
 }
 _ALIASES = {

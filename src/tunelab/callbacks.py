@@ -19,6 +19,9 @@ class Callback:
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:
         """Before the first step of each epoch (also of the epoch a resume lands in)."""
 
+    def on_optimizer_step(self, trainer: Any) -> None:
+        """After every optimizer step (keep it cheap: it runs in the loop's hot path)."""
+
     def on_step_end(self, trainer: Any, logs: dict[str, Any]) -> None:
         """At each logging step (every `train.log_every` optimizer steps) with the window's averaged metrics;
         fields a callback adds to `logs` are logged with them."""

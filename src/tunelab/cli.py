@@ -59,7 +59,17 @@ def main(argv: list[str] | None = None) -> int:
             from tunelab.allocator import reexec_with_mimalloc
 
             reexec_with_mimalloc()
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is not None:
+        return _run(argv)
+    code = _run(sys.argv[1:])
+    if "torch.distributed" in sys.modules:  # a torchrun rank ends through exit_process
+        from tunelab.engine.distributed import exit_process
+
+        code = exit_process(code)
+    return code
+
+
+def _run(argv: list[str]) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,6 +102,23 @@ class ScheduleSection(Section):
         return self
 
 
+class DistributedSection(Section):
+    """How a torchrun job spreads the model (`train.distributed`); ignored in a single process."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # replicate (DDP) or shard parameters, gradients, optimizer state
+    reshard_after_forward: bool = True  # fsdp: free the gathered block after forward (less memory, more traffic)
+    cpu_offload: bool = False  # fsdp: keep sharded parameters and optimizer state in CPU memory
+    replicas: int = Field(1, gt=0)  # fsdp: HSDP, shard inside groups of world/replicas ranks, replicate across
+    # fsdp: build the model on the meta device, shard, then load its weights shard by shard (no rank holds the
+    # whole model). auto: when there are weights to load; a model trained from scratch is then initialised on
+    # every rank as in one process (the same init), and sharded.
+    meta_init: bool | Literal["auto"] = "auto"
+    # Seconds a rank waits for the others (to connect, in a collective) before the job fails; under
+    # `torchrun --max-restarts` a failed connect is then retried instead of hanging. Must outlast rank 0's
+    # longest lone work between collectives (a checkpoint or an eval the others wait for).
+    timeout_s: int = Field(1800, gt=0)
+
+
 class TrainSection(Section):
     epochs: int | None = Field(None, gt=0)
     max_steps: int | None = Field(None, gt=0)
@@ -122,6 +140,10 @@ class TrainSection(Section):
     num_workers: int = Field(0, ge=0)
     group_by_length: bool = False
     device: str = "auto"
+    distributed: DistributedSection = DistributedSection()
+    # Resume from the newest complete checkpoint when the run folder holds one (what a job restarted by
+    # `torchrun --max-restarts` or a scheduler needs); a fresh folder starts a new run.
+    auto_resume: bool = False
 
     @model_validator(mode="after")
     def _length(self) -> TrainSection:
@@ -136,6 +158,7 @@ class EvalSection(Section):
     monitor: str | None = None  # e.g. `accuracy` or `loss`: keeps best/ and feeds early stopping
     mode: Literal["min", "max"] | None = None  # None: `min` for losses/errors, `max` otherwise
     max_batches: int | None = Field(None, gt=0)
+    at_start: bool = False  # also evaluate the untrained model, as step 0 (HF's eval_on_start); not on resume
 
 
 class EarlyStoppingSection(Section):
@@ -147,12 +170,22 @@ class EarlyStoppingSection(Section):
     restore_best: bool = True
 
 
+class MlflowSection(Section):
+    """`output.mlflow`: log the run to MLflow (tunelab.tracking). Tracking never fails the run."""
+
+    tracking_uri: str | None = None  # None: MLflow's default (MLFLOW_TRACKING_URI, else a local store)
+    experiment: str | None = None  # None: the recipe's name
+    log_weights: bool = True  # upload final/ as an artifact
+    flush_timeout: float = Field(120.0, gt=0)  # seconds the end of the run waits for pending uploads
+
+
 class OutputSection(Section):
     dir: str = "runs/{name}"
     tensorboard: bool | None = None  # None: when tensorboard is installed
     # auto: a live bar on a terminal or in a notebook, else one line per train.log_every and per eval;
     # bar | lines | off force one (true = auto, false = off)
     progress: Literal["auto", "bar", "lines", "off"] | bool = "auto"
+    mlflow: MlflowSection | None = None
 
 
 class RunConfig(Section):
@@ -172,6 +205,7 @@ class RunConfig(Section):
     output: OutputSection = OutputSection()
     doctor: OpenSection = OpenSection(enabled=True)
     report: OpenSection = OpenSection(enabled=True)
+    sweep: OpenSection = OpenSection()  # read by `tunelab sweep` (tunelab.sweeps); `train` ignores it
 
     @model_validator(mode="after")
     def _open_sections_named(self) -> RunConfig:
@@ -203,10 +237,20 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
         if field is None:
             return []
         ann = field.annotation
+        ann = next((a for a in typing.get_args(ann) if inspect.isclass(a) and issubclass(a, BaseModel)), ann)
         cur = ann if inspect.isclass(ann) and issubclass(ann, BaseModel) else None
         if cur is None:
             return []
     return list(getattr(cur, "model_fields", {}).keys())
+
+
+def _short_repr(value: Any) -> str:
+    """repr() cut to a line: a YAML alias bomb (a billion nested references) must not hang the message."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 3, 4, 4, 60, 60
+    return short.repr(value)
 
 
 def format_validation_error(err: ValidationError, source: str = "config") -> str:
@@ -224,7 +268,7 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
     msg = e["msg"].removeprefix("Value error, ")
     if not key:
         return f"{source}: {msg}"
-    return f"{source}: `{key}` = {value!r} is invalid: {msg}"
+    return f"{source}: `{key}` = {_short_repr(value)} is invalid: {msg}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -2,7 +2,8 @@
 fsync of the file and of its folder, rename; the temporary removed on any failure), atomic folders with a
 sha256 manifest, and the manifest checks that every reader applies.
 
-Files are created with the process's umask, as any other tool's output (not the 0600 of `mkstemp`).
+Files end with the mode the process's umask gives, as any other tool's output: writers that create a
+private temporary file (safetensors, Hugging Face's save_pretrained) would leave 0600 (`follow_umask`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,28 @@ def _remove(path: Path) -> None:
             pass
 
 
+def process_umask() -> int:
+    """The process's umask, read from /proc where Linux has it (setting it to read it races with threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give file `path`, or every file under folder `path`, the mode a plain `open()` gives: 0666 less the
+    umask."""
+    mode = 0o666 & ~process_umask()
+    files = [path] if not path.is_dir() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
+    for f in files:
+        os.chmod(f, mode)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Create or replace file `path` atomically: `write(tmp)` fills a temporary file beside it, which is
     fsynced and renamed over `path`. Readers see the old file or the new one, never a part."""
@@ -62,6 +85,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     tmp = tmp_path(path)
     try:
         write(tmp)
+        follow_umask(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -114,6 +138,7 @@ def write_dir_atomically(final: Path, fill: Callable[[Path], None], manifest: bo
     tmp.mkdir()
     try:
         fill(tmp)
+        follow_umask(tmp)
         if manifest:
             write_manifest(tmp)
         fsync_dir(tmp)

@@ -121,6 +121,7 @@ TASKS = Registry(
         "multilabel": "tunelab.tasks.classification",
         "regression": "tunelab.tasks.regression",
         "causal_lm": "tunelab.tasks.causal_lm",
+        **{n: "tunelab.tasks.preference" for n in ("dpo", "orpo", "simpo")},
     },
     expects="a subclass of tunelab.Task",
 )
@@ -134,6 +135,7 @@ DATA = Registry(
         "image_csv": "tunelab.data.images",
         "tokens": "tunelab.data.tokens",
         "instruct": "tunelab.data.chat",
+        "preference": "tunelab.data.preference",
     },
     expects="a function build(cfg) -> DataBundle registered with @tunelab.register_data",
 )
@@ -147,13 +149,14 @@ STRATEGIES = Registry(
             "model_to_save, describe)",
 )
 # Callbacks every run gets from the layers above the run (`fn(cfg, data) -> list[Callback]`), in this order:
-# the doctor's diagnoses are logged before the report reads them.
+# the doctor's diagnoses are logged before the report reads them; MLflow tracking uploads both.
 CALLBACKS = Registry(
     "callback provider",
     {
         "doctor": "tunelab.insight.doctor",
         "samples": "tunelab.insight.samples",
         "report": "tunelab.insight.report",
+        "mlflow": "tunelab.tracking",
     },
 )
 # Settings the run resolves before it builds (`fn(cfg, log) -> cfg`): `optim.lr: auto`, `train.auto_batch`.
@@ -175,7 +178,8 @@ GENERATORS = Registry("generator", {"gpt": "tunelab.commands.generate", "hf_caus
 COMMANDS = Registry(
     "command",
     {name: f"tunelab.commands.{name.replace('-', '_')}" for name in (
-        "train", "eval", "predict", "generate", "inspect", "export", "lr-find", "plan", "report", "quickstart")},
+        "train", "eval", "predict", "generate", "inspect", "export", "lr-find", "plan", "report", "quickstart",
+        "sweep")},
 )
 
 

@@ -19,13 +19,21 @@ import torch
 import torch.nn as nn
 
 from tunelab.config import RunConfig, load_config
-from tunelab.data.base import DataBundle, build_data, data_fingerprint
+from tunelab.data.base import DataBundle, build_data, data_fingerprint, describe_splits, is_labelled
+from tunelab.engine.callbacks import TestSetEval
+from tunelab.engine.checkpoint import CheckpointManager
 from tunelab.engine.meter import FlopsCallback
 from tunelab.engine.rundir import claim_run_dir
 from tunelab.engine.trainer import Trainer
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.io import atomic_write_text
-from tunelab.models import check_trusted, create_model, load_model_folder, resolve_builder
+from tunelab.models import (
+    check_trusted,
+    create_model,
+    create_model_on_meta,
+    load_model_folder,
+    resolve_builder,
+)
 from tunelab.registry import CALLBACKS, DATA, RESOLVERS, STRATEGIES, TASKS
 from tunelab.strategies import Strategy, build_strategy
 from tunelab.tasks.base import Task, build_task
@@ -48,6 +56,7 @@ class BuiltRun:
     lr_scales: dict[str, float] | None
     load_report: LoadReport | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    load_after_sharding: Any = None  # FSDP on meta: fills the shards (engine.Trainer.load_after_sharding)
 
 
 def model_spec(cfg: RunConfig) -> dict[str, Any]:
@@ -59,10 +68,12 @@ def build_task_from_config(cfg: RunConfig, data: DataBundle | None) -> Task:
 
     kwargs = dict(cfg.task.kwargs)
     name = kwargs.pop("name")
+    accepted = inspect.signature(TASKS.resolve(name).__init__).parameters
+    if "loss" in kwargs and "loss_type" in accepted:  # `task: {name: dpo, loss: ipo}` names the loss variant
+        kwargs["loss_type"] = kwargs.pop("loss")
     if "loss" in kwargs:
         raise ConfigError("`task.loss` is not a task setting: the loss has its own section, e.g. "
                           "loss: {name: cross_entropy, label_smoothing: 0.1}")
-    accepted = inspect.signature(TASKS.resolve(name).__init__).parameters
     if data is not None:  # the data source knows the classes when the recipe does not say
         if "num_classes" in accepted and "num_classes" not in kwargs and data.num_classes:
             kwargs["num_classes"] = data.num_classes
@@ -100,23 +111,71 @@ def build_run(cfg: RunConfig, log=print) -> BuiltRun:
     for split, ds in (("train", data.train), ("eval", data.eval)):
         if ds is not None:
             task.check_dataset(ds, split)
-    # 1. define
-    model = create_model(cfg.model.name, **cfg.model.kwargs)
-    # 2. initialise
-    if cfg.init.scheme:
-        init_weights(model, cfg.init.scheme, **cfg.init.kwargs)
-    # 3. pretrained weights
-    report = None
-    if cfg.pretrained.path:
-        report = load_pretrained(
-            model, cfg.pretrained.path, allow_missing=cfg.pretrained.allow_missing,
-            rename=cfg.pretrained.rename, strict=cfg.pretrained.strict,
-        )
-        log(report.table())
     strategy = build_strategy(cfg)
+    on_meta = _build_on_meta(cfg, strategy)
+    if on_meta is not None:  # FSDP: steps 1-3 happen on shards, inside the Trainer (see load_after_sharding)
+        model, weights = on_meta
+        report = None
+    else:
+        # 1. define
+        model = create_model(cfg.model.name, **cfg.model.kwargs)
+        # 2. initialise
+        if cfg.init.scheme:
+            init_weights(model, cfg.init.scheme, **cfg.init.kwargs)
+        # 3. pretrained weights
+        report = None
+        if cfg.pretrained.path:
+            report = load_pretrained(
+                model, cfg.pretrained.path, allow_missing=cfg.pretrained.allow_missing,
+                rename=cfg.pretrained.rename, strict=cfg.pretrained.strict,
+            )
+            log(report.table())
     model, lr_scales = strategy.setup(model)
     strategy.on_epoch_start(model, 0)  # what trains in the first epoch (reported before training)
-    return BuiltRun(cfg, model, task, data, strategy, lr_scales, report)
+    if hasattr(task, "bind"):  # e.g. DPO takes its frozen reference from the initial model
+        task.bind(model, data)
+    run = BuiltRun(cfg, model, task, data, strategy, lr_scales, report)
+    if on_meta is not None:
+        run.load_after_sharding = _shard_loader(run, weights, log)
+    return run
+
+
+def _build_on_meta(cfg: RunConfig, strategy: Strategy) -> tuple[nn.Module, str | None] | None:
+    """Under torchrun with `train.distributed.strategy: fsdp` and `meta_init`, the model built on the meta
+    device (when its source can) and its weights' path; else None. LoRA builds its base normally: peft
+    makes its adapters on the real weights."""
+    d = cfg.train.distributed
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or d.strategy != "fsdp" or not d.meta_init:
+        return None
+    if getattr(strategy, "checkpoint_trainable_only", False):
+        return None
+    built = create_model_on_meta(cfg.model.name, **cfg.model.kwargs)
+    if built is not None and d.meta_init == "auto" and built[1] is None and not cfg.pretrained.path:
+        return None  # from scratch: the same init as one process (the meta model is simply dropped)
+    return built
+
+
+def _shard_loader(run: BuiltRun, weights: str | None, log) -> Any:
+    """What fills a sharded model built on meta: the recipe's init, then its pretrained weights (or the
+    source's own), read shard by shard, with the LoadReport a normal load gives."""
+    cfg = run.cfg
+
+    def load(model: nn.Module) -> None:
+        from tunelab.engine.fsdp import load_pretrained_shards
+
+        if cfg.init.scheme:
+            init_weights(model, cfg.init.scheme, **cfg.init.kwargs)
+        source = cfg.pretrained.path or weights
+        if source is None:
+            return
+        p = cfg.pretrained
+        run.load_report = load_pretrained_shards(model, source, allow_missing=p.allow_missing, rename=p.rename,
+                                                 strict=p.strict)
+        if is_main_process():
+            log(run.load_report.table())
+            atomic_write_text(cfg.output_dir / "load_report.json", json.dumps(run.load_report.to_dict(), indent=2))
+
+    return load
 
 
 def make_trainer(run: BuiltRun, callbacks: list | None = None) -> Trainer:
@@ -136,8 +195,8 @@ def make_trainer(run: BuiltRun, callbacks: list | None = None) -> Trainer:
 
 def default_callbacks(cfg: RunConfig, data: DataBundle) -> list:
     """Callbacks every run gets from the layers above (the CALLBACKS registry, in its order): the doctor,
-    sample generations, the report, and any a plug-in registers. A provider whose optional dependencies are
-    missing is left out."""
+    sample generations, the report, MLflow tracking (when `output.mlflow` is set), and any a plug-in
+    registers. A provider whose optional dependencies are missing is left out."""
     callbacks = []
     for name in CALLBACKS.ordered():
         try:
@@ -154,9 +213,13 @@ def is_main_process() -> bool:
 
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=print,
-          allow_data_change: bool = False) -> dict[str, Any]:
+          allow_data_change: bool = False, callbacks: list | None = None) -> dict[str, Any]:
     """Build everything from `cfg`, train, evaluate; returns summary.json's content. The run folder is
-    locked for the whole run; with `overwrite`, the old run is deleted only once the new one has built."""
+    locked for the whole run; with `overwrite`, the old run is deleted only once the new one has built.
+    `callbacks` are added after the default ones (a sweep's pruner)."""
+    if not resume and auto_resume(cfg):
+        log(f"auto-resume: continuing from the newest checkpoint in {cfg.output_dir}")
+        resume, overwrite = True, False
     with claim_run_dir(cfg.output_dir, resume, overwrite, main=is_main_process()) as run_dir:
         if cfg.optim.lr == "auto":
             cfg = RESOLVERS.get("optim.lr")(cfg, log=log)  # the LR finder (tunelab.insight.lr_finder)
@@ -164,7 +227,17 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
             cfg = _saved_batch(cfg) if resume else RESOLVERS.get("train.auto_batch")(cfg, log=log)
         run = build_run(cfg, log=log)
         run_dir.commit()
-        return fit_run(run, resume=resume, log=log, allow_data_change=allow_data_change)
+        return fit_run(run, resume=resume, log=log, allow_data_change=allow_data_change, callbacks=callbacks)
+
+
+def auto_resume(cfg: RunConfig) -> bool:
+    """Resume without --resume: `train.auto_resume`, or a job that torchrun restarted (`--max-restarts`, the
+    TORCHELASTIC_RESTART_COUNT it sets), when the run folder holds a checkpoint. The restarted command line is
+    the first one, so a restart never repeats its --overwrite."""
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    if not (cfg.train.auto_resume or restarted):
+        return False
+    return bool(CheckpointManager(cfg.output_dir / "checkpoints").steps())
 
 
 def _saved_batch(cfg: RunConfig) -> RunConfig:
@@ -232,17 +305,28 @@ def _changed_settings(saved: Path, cfg: RunConfig) -> dict[str, tuple[Any, Any]]
     return {k.rstrip("."): (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def fit_run(run: BuiltRun, resume: bool = False, log=print, allow_data_change: bool = False) -> dict[str, Any]:
+def _test_split(run: BuiltRun, log=print) -> list:
+    """The callback that scores a labelled test split at the end of the run (before the report reads the
+    summary); an unlabelled one is left to `tunelab predict`."""
+    test = run.data.test
+    if test is None:
+        return []
+    if not is_labelled(test):
+        log(f"test split: {len(test)} rows without labels: not scored at the end (tunelab predict labels them)")
+        return []
+    return [TestSetEval(test)]
+
+
+def fit_run(run: BuiltRun, resume: bool = False, log=print, allow_data_change: bool = False,
+            callbacks: list | None = None) -> dict[str, Any]:
     """Train a built run into `cfg.output_dir` (the Trainer claims and locks the folder)."""
     cfg, out = run.cfg, run.cfg.output_dir
     total, trainable = count_parameters(run.model)
-    n_train = len(run.data.train) if run.data.train is not None else 0
-    n_eval = len(run.data.eval) if run.data.eval is not None else 0
-    log(f"model {cfg.model.name}: {total:,} parameters, {trainable:,} trainable; "
-        f"train {n_train} examples, eval {n_eval}")
+    log(f"model {cfg.model.name}: {total:,} parameters, {trainable:,} trainable; {describe_splits(run.data)}")
     record_absolute_paths(cfg)
-    trainer = make_trainer(run, default_callbacks(cfg, run.data))
+    trainer = make_trainer(run, _test_split(run, log) + default_callbacks(cfg, run.data) + list(callbacks or []))
     trainer.data_fingerprint = data_fingerprint(cfg, run.data)
+    trainer.load_after_sharding = run.load_after_sharding
     trainer.allow_data_change = allow_data_change
     if run.data.info:
         trainer.log_on_start = {"data": run.data.info}
@@ -252,12 +336,19 @@ def fit_run(run: BuiltRun, resume: bool = False, log=print, allow_data_change: b
         if changed:
             log("warning: resuming with changed settings: "
                 + "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+        saved = out / "config.yaml"
+        previous = saved.read_text() if resume and main and saved.is_file() else None
         if main:
-            atomic_write_text(out / "config.yaml", cfg.to_yaml())
+            atomic_write_text(saved, cfg.to_yaml())
             if run.load_report is not None:
                 atomic_write_text(out / "load_report.json", json.dumps(run.load_report.to_dict(), indent=2))
         trainer.log_on_resume = {"changed": {k: list(v) for k, v in changed.items()}} if changed else {}
-        return trainer.fit(resume=resume)
+        try:
+            return trainer.fit(resume=resume)
+        except BaseException:
+            if previous is not None and trainer.global_step == 0:  # refused before any checkpoint was restored
+                atomic_write_text(saved, previous)  # (e.g. another model): the run's config stays its own
+            raise
 
 
 # -- loading a finished run ----------------------------------------------------------------------------------
@@ -306,14 +397,38 @@ def load_run(run_dir: str | Path, which: str = "final", overrides: list[str] | N
 
 
 def evaluate_run(run_dir: str | Path, which: str = "final", overrides: list[str] | None = None,
-                 trust_code: bool = False) -> dict:
+                 trust_code: bool = False, split: str = "eval", data_path: str | None = None) -> dict:
+    """A run's final (or best) weights scored on its eval or test split; `data_path`: on that labelled file,
+    read as the run's data source reads its test file (`data.test`)."""
+    if data_path is not None:
+        overrides, split = [*(overrides or []), f"data.test={Path(data_path).resolve()}"], "test"
     run = load_run(run_dir, which, overrides, trust_code=trust_code)
-    if run.data.eval is None:
-        raise TunelabError(f"{run_dir}: the run's data has no eval split")
-    cfg = run.cfg.model_copy(deep=True)
-    cfg.output.progress = False
-    trainer = Trainer(run.model, run.task, run.data.train, run.data.eval, config=cfg,
-                      collate_fn=run.data.collate_fn, eval_lengths=run.data.eval_lengths,
-                      output_dir=run_dir)
-    return trainer.evaluate()
+    dataset = run.data.eval if split == "eval" else run.data.test
+    where = data_path or f"{run_dir}: the run's data"
+    if dataset is None:
+        raise TunelabError(f"{where} has no {split} split" + (" (give one with --data PATH or data.test=PATH)"
+                                                              if split == "test" else ""))
+    if not is_labelled(dataset):
+        raise TunelabError(f"{where}: the {split} rows have no labels to score against (tunelab predict labels them)")
+    return _evaluator(run.cfg, run.model, run.task, run.data, run_dir).evaluate(dataset)
 
+
+def evaluate_base(config_path: str | Path, overrides: list[str] | None = None, log=print) -> dict:
+    """`tunelab eval CONFIG --base`: the recipe's model as training would start it (pretrained weights,
+    strategy applied, nothing trained) scored on its eval split: the baseline a fine-tune must beat."""
+    cfg = load_config(config_path, overrides)
+    run = build_run(cfg, log=log)
+    if run.data.eval is None:
+        raise TunelabError(f"{config_path}: the recipe's data has no eval split (set the data source's eval key)")
+    if run.load_after_sharding is not None:
+        raise TunelabError("--base builds one process's model; run it without torchrun")
+    return _evaluator(cfg, run.model, run.task, run.data, None).evaluate()
+
+
+def _evaluator(cfg: RunConfig, model: nn.Module, task: Task, data: DataBundle, out: Path | None) -> Trainer:
+    """A Trainer that only evaluates `data.eval` (no progress display, nothing written)."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.output.progress = False
+    cfg.eval.at_start = False
+    return Trainer(model, task, data.train, data.eval, config=cfg, collate_fn=data.collate_fn,
+                   eval_lengths=data.eval_lengths, output_dir=out)

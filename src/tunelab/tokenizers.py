@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from tunelab.errors import ConfigError, DataError
+from tunelab.errors import ConfigError, DataError, TunelabError
 from tunelab.io import write_dir_atomically
 
 META = "tunelab_tokenizer.json"
@@ -245,21 +245,27 @@ def build_tokenizer(spec: str, text: str, vocab_size: int | None = None) -> Text
 
 
 def load_text_tokenizer(folder: str | Path) -> TextTokenizer:
-    """Rebuild a tokenizer that `TextTokenizer.save` wrote."""
+    """Rebuild a tokenizer that `TextTokenizer.save` wrote; a damaged one is one line (DataError)."""
     folder = Path(folder)
     meta_path = folder / META
     if not meta_path.is_file():
         raise DataError(f"{folder}: no {META}; not a tokenizer saved by tunelab")
-    meta = json.loads(meta_path.read_text())
-    kind = meta.get("type")
-    if kind == "char":
-        return CharTokenizer(meta["chars"])
-    if kind == "bpe":
-        from tokenizers import Tokenizer
+    try:
+        meta = json.loads(meta_path.read_text())
+        kind = meta.get("type")
+        if kind == "char":
+            return CharTokenizer(meta["chars"])
+        if kind == "bpe":
+            from tokenizers import Tokenizer
 
-        return BPETokenizer(Tokenizer.from_file(str(folder / "tokenizer.json")))
-    if kind == "hf":
-        return HFTokenizer.from_path(folder)
+            return BPETokenizer(Tokenizer.from_file(str(folder / "tokenizer.json")))
+        if kind == "hf":
+            return HFTokenizer.from_path(folder)
+    except TunelabError:
+        raise
+    except Exception as e:  # json, KeyError, and the tokenizers library's plain Exception for a bad file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise DataError(f"{folder}: damaged tokenizer ({first}); use an intact copy of the run") from e
     raise DataError(f"{meta_path}: unknown tokenizer type {kind!r}")
 
 

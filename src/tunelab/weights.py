@@ -156,6 +156,17 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: 
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
+def load_exact_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path, hint: str) -> None:
+    """`model.load_state_dict(state)` (strict), with a mismatch (a missing, extra or reshaped tensor: weights
+    from another model, or edited ones) raised as one line naming `source`, its first mismatch and `hint`."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        first = (lines[1] if len(lines) > 1 else lines[0] if lines else "mismatch")[:200]
+        raise CheckpointError(f"{source}: the weights do not fit the model ({first}); {hint}") from e
+
+
 def load_state_dict_file(path: str | Path, verified: bool = False) -> dict[str, torch.Tensor]:
     """Read `.safetensors`, or `.pt/.pth/.bin` with `weights_only=True` (no arbitrary unpickling). A file
     inside a folder tunelab wrote (final/, best/, a checkpoint) is checked against that folder's manifest
@@ -298,6 +309,55 @@ def _clean_key(key: str, rename: list[tuple[re.Pattern, str]]) -> str:
     return key
 
 
+def match_checkpoint(
+    own: dict[str, tuple[int, ...]],
+    found: dict[str, tuple[int, ...]],
+    source: str,
+    *,
+    allow_missing: Iterable[str] = (),
+    rename: dict[str, str] | None = None,
+    strict: bool = True,
+) -> tuple[LoadReport, dict[str, str]]:
+    """Account for every key of a checkpoint (`found`: key -> shape) against a model (`own`: key -> shape):
+    the LoadReport and which checkpoint key fills each model key. Raises when nothing matches, or (strict)
+    when a model tensor outside `allow_missing` would stay uninitialised. Shapes only: the FSDP loader
+    reads just each rank's rows afterwards."""
+    rules = []
+    for pattern, repl in (rename or {}).items():
+        try:
+            rules.append((re.compile(pattern), repl))
+        except re.error as e:
+            raise ConfigError(f"`pretrained.rename`: {pattern!r} is not a valid regex ({e})") from e
+    report = LoadReport(source=source)
+    fills: dict[str, str] = {}
+    for key, shape in found.items():
+        new_key = _clean_key(key, rules)
+        report.renamed += new_key != key
+        if new_key not in own:
+            report.unexpected.append(new_key)
+        elif tuple(own[new_key]) != tuple(shape):
+            report.mismatched.append((new_key, tuple(shape), tuple(own[new_key])))
+        else:
+            fills[new_key] = key
+    report.loaded = sorted(fills)
+    # non-persistent-free state (e.g. BatchNorm's num_batches_tracked) counts like parameters
+    report.missing = [k for k in own if k not in fills and not any(k == m[0] for m in report.mismatched)]
+    if not fills:
+        raise CheckpointError(
+            f"{source}: no checkpoint key matches the model (checkpoint has e.g. {', '.join(list(found)[:3])}; "
+            f"model has e.g. {', '.join(list(own)[:3])}); add `pretrained.rename` rules or check the file"
+        )
+    left = report.uninitialised(list(allow_missing)) if strict else []
+    if left:
+        more = f" and {len(left) - 3} more" if len(left) > 3 else ""
+        raise CheckpointError(
+            f"{source}: {len(left)} model tensors would stay uninitialised: {', '.join(left[:3])}{more}; "
+            f"allow them with `pretrained.allow_missing` (e.g. [\"{left[0].split('.')[0]}.*\"]) "
+            f"or fix the checkpoint"
+        )
+    return report, fills
+
+
 def load_pretrained(
     model: nn.Module,
     path: str | Path | dict[str, torch.Tensor],
@@ -315,51 +375,31 @@ def load_pretrained(
     - `strict`: error when a model parameter is left missing (or skipped) unless it matches a glob in
       `allow_missing`. A load that matches no key at all is always an error.
     """
-    # Stays whole (over 60 lines): one pass over the keys: read, rename, match by shape, report, check, copy.
     source = "<state dict>" if isinstance(path, dict) else str(path)
     state = dict(path) if isinstance(path, dict) else read_checkpoint(path)
-    rules = []
-    for pattern, repl in (rename or {}).items():
-        try:
-            rules.append((re.compile(pattern), repl))
-        except re.error as e:
-            raise ConfigError(f"`pretrained.rename`: {pattern!r} is not a valid regex ({e})") from e
-    target = unwrap_model(model)
-    own = target.state_dict()
-    report = LoadReport(source=source)
-    to_load: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        new_key = _clean_key(key, rules)
-        report.renamed += new_key != key
-        if new_key not in own:
-            report.unexpected.append(new_key)
-        elif tuple(own[new_key].shape) != tuple(tensor.shape):
-            report.mismatched.append((new_key, tuple(tensor.shape), tuple(own[new_key].shape)))
-        else:
-            to_load[new_key] = tensor
-    report.loaded = sorted(to_load)
-    # non-persistent-free state (e.g. BatchNorm's num_batches_tracked) counts like parameters
-    report.missing = [k for k in own if k not in to_load and not any(k == m[0] for m in report.mismatched)]
-    if not to_load:
-        sample = ", ".join(list(state)[:3])
-        model_sample = ", ".join(list(own)[:3])
-        raise CheckpointError(
-            f"{source}: no checkpoint key matches the model (checkpoint has e.g. {sample}; model has e.g. "
-            f"{model_sample}); add `pretrained.rename` rules or check the file"
-        )
-    if strict:
-        left = report.uninitialised(list(allow_missing))
-        if left:
-            more = f" and {len(left) - 3} more" if len(left) > 3 else ""
-            raise CheckpointError(
-                f"{source}: {len(left)} model tensors would stay uninitialised: {', '.join(left[:3])}{more}; "
-                f"allow them with `pretrained.allow_missing` (e.g. [\"{left[0].split('.')[0]}.*\"]) "
-                f"or fix the checkpoint"
-            )
+    own = unwrap_model(model).state_dict()
+    report, fills = match_checkpoint({k: tuple(v.shape) for k, v in own.items()},
+                                     {k: tuple(v.shape) for k, v in state.items()}, source,
+                                     allow_missing=allow_missing, rename=rename, strict=strict)
     with torch.no_grad():
-        for k, v in to_load.items():
-            own[k].copy_(v.to(own[k].dtype))
+        for k, src in fills.items():
+            own[k].copy_(state[src].to(own[k].dtype))
     return report
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The safetensors files a checkpoint path stands for (a file, a folder with model.safetensors or a
+    shard index, a run folder's final/): what the shard-by-shard loader reads."""
+    path = resolve_path(path)
+    if path.is_file():
+        return [path]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    for cand in (path / "model.safetensors", path / "final" / "model.safetensors"):
+        if cand.is_file():
+            return [cand]
+    raise CheckpointError(f"{path}: no safetensors weights to load shard by shard (model.safetensors or an index)")
 
 
 def describe_checkpoint(path: str | Path) -> list[tuple[str, tuple[int, ...], str]]:

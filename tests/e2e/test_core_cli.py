@@ -6,17 +6,15 @@ import hashlib
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import REPO, assert_one_line_error, run_cli, same_weights
+from tests.helpers import REPO, assert_one_line_error, kill_once_written, run_cli, same_weights
 from tunelab.errors import ConfigError
 
 DIGITS = "recipes/digits-cnn.yaml"
@@ -123,19 +121,7 @@ def _events(out: Path) -> list[tuple]:
 def test_sigkill_and_resume_is_bit_identical(tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     run_cli("train", DIGITS, *_resume_overrides(ref))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tunelab.cli", "train", DIGITS, *_resume_overrides(killed)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step-30").exists():
-        assert proc.poll() is None, "run finished before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_once_written(killed / "checkpoints" / "step-30", "train", DIGITS, *_resume_overrides(killed))
     assert not (killed / "final").exists()
     run_cli("train", DIGITS, *_resume_overrides(killed), "--resume")
     assert same_weights(ref / "final" / "model.safetensors", killed / "final" / "model.safetensors")

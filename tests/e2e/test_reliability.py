@@ -76,6 +76,8 @@ def test_a_model_spec_naming_code_is_refused_without_trust_code(trained, tmp_pat
     _rehash(run / "final")
     proc = run_cli("eval", run, check=False)
     assert_one_line_error(proc, "os:system", "--trust-code")
+    for fmt in ("hf", "gguf"):  # export reads the same spec
+        assert_one_line_error(run_cli("export", run, "--format", fmt, check=False), "os:system", "--trust-code")
     # trusted or not, a spec may only name an nn.Module subclass or a registered builder
     proc = run_cli("eval", run, "--trust-code", check=False)
     assert_one_line_error(proc, "os:system", "not an nn.Module subclass")

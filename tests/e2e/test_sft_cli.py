@@ -1,4 +1,5 @@
-"""End to end through the CLI: LoRA SFT on the Alpaca subset -> eval -> generate -> export --merge.
+"""End to end through the CLI: LoRA SFT on the Alpaca subset (the `sft_run` fixture in conftest.py) -> eval ->
+generate -> export --merge.
 
 Tiny step counts keep this to about a minute; the acceptance run (hundreds of steps, held-out loss at least
 10% below the base model's) is `recipes/smollm2-lora-alpaca.yaml`, see docs/sft.md.
@@ -11,40 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
-import yaml
 
 
 def tunelab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=900
     )
-
-
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory, shared_data, smollm_gguf) -> Path:
-    root = tmp_path_factory.mktemp("sft")
-    recipe = yaml.safe_load(
-        (Path(__file__).resolve().parents[2] / "recipes" / "smollm2-lora-alpaca.yaml").read_text()
-    )
-    recipe["model"]["path"] = str(smollm_gguf)
-    recipe["data"].update(
-        path=str(shared_data / "instruct" / "alpaca_data_1k.json"),
-        limit=40,
-        eval_size=6,
-        max_length=128,
-        num_samples=1,
-        sample_max_new_tokens=8,
-    )
-    recipe["train"].update(max_steps=2, batch_size=2, log_every=1)
-    recipe["optim"]["lr"] = 1e-4
-    recipe["eval"] = {"every": 2, "batch_size": 4}
-    recipe["output"] = {"dir": str(root / "run"), "progress": False}
-    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    proc = tunelab("train", str(root / "recipe.yaml"), cwd=root)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root / "run"
 
 
 def test_lora_run_writes_an_adapter_and_logs_eval_and_samples(sft_run):

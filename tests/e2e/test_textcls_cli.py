@@ -91,7 +91,7 @@ def test_predict_text_and_file(trained, tmp_path, env):
         "predict", trained, "--file", src, "--output", tmp_path / "out.jsonl", "--batch-size", "2", env=env
     )
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert [r["text"] for r in out] == [
+    assert [r["sentence"] for r in out] == [  # the file's own columns come through
         "a gorgeous, witty, seductive movie.",
         "the story is dull, dull, dull",
         "",
@@ -100,6 +100,29 @@ def test_predict_text_and_file(trained, tmp_path, env):
     with open(tmp_path / "out.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert [r["label"] for r in table] == [r["label"] for r in out]
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl"])
+def test_predict_keeps_the_columns_and_scores_a_labelled_file(trained, shared_data, tmp_path, env, suffix):
+    header, *lines = (shared_data / "sst2" / "dev.tsv").read_text().splitlines()[:41]
+    records = [{"id": f"r{i}", "sentence": line.split("\t")[0], "label": ["negative", "positive"][int(line.split("\t")[1])]}
+               for i, line in enumerate(lines)]
+    src = tmp_path / f"in{suffix}"
+    if suffix == ".jsonl":
+        src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        with open(src, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["id", "sentence", "label"], delimiter="\t" if suffix == ".tsv" else ",")
+            w.writeheader()
+            w.writerows(records)
+    proc = run_cli("predict", trained, "--file", src, "--output", tmp_path / "p.csv", env=env)
+    with open(tmp_path / "p.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0])[:5] == ["id", "sentence", "input_label", "label", "score"]
+    assert [(r["id"], r["sentence"], r["input_label"]) for r in table] == [tuple(r.values()) for r in records]
+    right = sum(r["label"] == r["input_label"] for r in table)
+    line = next(x for x in proc.stderr.splitlines() if "accuracy" in x)
+    assert f"accuracy {right / len(table):.4f}" in line and "macro-F1" in line and "(40 rows)" in line
 
 
 def test_linear_probe_trains_only_the_head(shared_data, env, tmp_path):

@@ -81,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    # bytes that are not UTF-8 reach Python as lone surrogates, which tokenizers refuse: read them as U+FFFD
+    args.prompt = args.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     if args.temperature < 0:
         raise ConfigError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
     if args.top_p is not None and not 0 < args.top_p <= 1:

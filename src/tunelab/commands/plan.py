@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
 
         check_config_trusted(cfg, args.trust_code, source / "config.yaml")
     budget = parse_size(args.budget) if args.budget else None
-    plan = make_plan(cfg, budget, log=lambda m: print(m, file=sys.stderr))
+    plan = make_plan(cfg, budget, log=lambda m: print(m, file=sys.stderr), nproc=args.nproc, nnodes=args.nnodes)
     if args.auto_batch:
         from tunelab.insight.autobatch import find_micro_batch_for_config
 
@@ -43,6 +43,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--budget", help="memory budget, e.g. 24GB (default: this device's memory)")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON line")
+    p.add_argument("--nproc", type=int, default=1, help="ranks per node: per-rank memory and traffic for ddp/fsdp")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes (with --nproc; adds hybrid sharding)")
     add_trust_code(p)
     p.add_argument(
         "--auto-batch",

@@ -6,11 +6,21 @@ import argparse
 import sys
 from typing import Any
 
+from tunelab.errors import ConfigError
 from tunelab.insight.report import write_comparison, write_report
 from tunelab.registry import COMMANDS
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tunelab.engine.rundir import check_not_managed
+
+    if not 30 <= args.dpi <= 300:
+        raise ConfigError(f"--dpi {args.dpi}: use 30 to 300 (the report's figures; default 80)")
+    own = {(Path(d) / "report.html").resolve() for d in args.run_dirs}
+    if args.output and Path(args.output).resolve() not in own:  # a run's own report.html is its to rewrite
+        check_not_managed(args.output, "-o")
     if len(args.run_dirs) == 1:
         out = write_report(args.run_dirs[0], output=args.output, dpi=args.dpi)
     else:

@@ -239,6 +239,32 @@ def _file_print(path: Path) -> dict[str, Any]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def describe_splits(data: DataBundle) -> str:
+    """The console's account of the data: `train 1,914 records packed into 894 rows, eval 100 records in 45
+    rows; 3 records dropped (why)` for a source that reports records and rows in `info` (packing), else
+    `train 894 examples, eval 45`."""
+    n = {split: len(ds) if ds is not None else 0 for split, ds in (("train", data.train), ("eval", data.eval))}
+    records, rows = data.info.get("records"), data.info.get("rows")
+    if not (isinstance(records, dict) and isinstance(rows, dict)):
+        return f"train {n['train']:,} examples, eval {n['eval']:,}"
+    text = ", ".join(f"{split} {records.get(split, 0):,} records {'packed into' if split == 'train' else 'in'} "
+                     f"{rows.get(split, 0):,} rows" for split in ("train", "eval"))
+    if data.info.get("dropped"):
+        text += f"; {data.info['dropped']:,} records dropped ({data.info.get('dropped_why', 'see the data source')})"
+    return text
+
+
+def is_labelled(dataset: Dataset) -> bool:
+    """Whether a split's examples carry targets (a test file may come without its label column): dict
+    examples have `labels`, tuple examples a second item."""
+    if len(dataset) == 0:
+        return False
+    item = dataset[0]
+    if isinstance(item, dict):
+        return "labels" in item or "chosen" in item  # preference pairs carry their own targets
+    return not isinstance(item, (tuple, list)) or len(item) > 1
+
+
 def data_fingerprint(cfg: RunConfig, bundle: DataBundle) -> dict[str, Any]:
     """What a run's data was: each file or folder the `data:` section names (content hash, or for large files
     size and mtime) and the row count of each split. Saved in checkpoints; a resume compares it."""

@@ -90,7 +90,21 @@ def read_records(path: str, split: str = "train") -> list[dict[str, Any]]:
         return [dict(r) for r in ds]
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".gz":  # e.g. .jsonl.gz, as Anthropic ships HH-RLHF
+        import gzip
+
+        try:
+            text = gzip.decompress(p.read_bytes()).decode("utf-8")
+        except (OSError, EOFError) as e:
+            raise DataError(f"{p}: not a readable gzip file ({e})") from e
+        except UnicodeDecodeError as e:
+            raise DataError(f"{p}: not UTF-8 text (byte {e.start} of the unpacked file); save it as UTF-8") from e
+        p = p.with_name(p.stem)  # the suffix inside says JSON lines or JSON
+    else:
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{p}: not UTF-8 text (byte {e.start}); save it as UTF-8") from e
     if p.suffix == ".jsonl":
         records = []
         for i, line in enumerate(text.splitlines()):
@@ -127,6 +141,21 @@ def detect_format(record: Any, where: str) -> str:
     )
 
 
+def normalize_messages(messages: list[Any], index: int, where: str) -> list[dict[str, str]]:
+    """`{role, content}` dicts from OpenAI-style or ShareGPT-style (`from`/`value`, human/gpt) messages."""
+    norm = []
+    for m in messages:
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: record {index}: each message must be a {{role, content}} mapping")
+        role = m.get("role", m.get("from"))
+        content = m.get("content", m.get("value"))
+        role = {"human": "user", "gpt": "assistant"}.get(role, role)
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise DataError(f"{where}: record {index}: a message lacks a string `role` or `content`")
+        norm.append({"role": role, "content": content})
+    return norm
+
+
 def to_messages(record: dict[str, Any], fmt: str, index: int, where: str, system: str | None) -> list[dict]:
     """A record as a chat (list of role/content dicts), checking the fields of its schema."""
     if fmt == "alpaca":
@@ -143,17 +172,7 @@ def to_messages(record: dict[str, Any], fmt: str, index: int, where: str, system
         messages = record.get("messages", record.get("conversations"))
         if not isinstance(messages, list) or not messages:
             raise DataError(f"{where}: record {index} has no `messages` list (chat schema)")
-        norm = []
-        for m in messages:
-            if not isinstance(m, dict):
-                raise DataError(f"{where}: record {index}: each message must be a {{role, content}} mapping")
-            role = m.get("role", m.get("from"))
-            content = m.get("content", m.get("value"))
-            role = {"human": "user", "gpt": "assistant"}.get(role, role)
-            if not isinstance(role, str) or not isinstance(content, str):
-                raise DataError(f"{where}: record {index}: a message lacks a string `role` or `content`")
-            norm.append({"role": role, "content": content})
-        messages = norm
+        messages = normalize_messages(messages, index, where)
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: record {index} has no assistant turn, so nothing to learn from")
     if system and messages[0]["role"] != "system":
@@ -186,7 +205,7 @@ class Encoder:
             return ids, [True] * len(ids)
         if self.template == "alpaca":
             return self._encode_alpaca(record, fmt, index, where)
-        return self._encode_chat(to_messages(record, fmt, index, where, self.system), index, where)
+        return self.encode_chat(to_messages(record, fmt, index, where, self.system), index, where)
 
     def _encode_alpaca(self, record: dict, fmt: str, index: int, where: str) -> tuple[list[int], list[bool]]:
         if fmt != "alpaca":
@@ -200,12 +219,17 @@ class Encoder:
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
 
-    def _encode_chat(self, messages: list[dict], index: int, where: str) -> tuple[list[int], list[bool]]:
+    def encode_chat(
+        self, messages: list[dict], index: int, where: str, last_only: bool = False
+    ) -> tuple[list[int], list[bool]]:
+        """Token ids and target flags of a chat; with `last_only`, only the final assistant turn is a target
+        (preference pairs: the earlier turns are the shared prompt)."""
         # Render the conversation turn by turn: the text between "history + assistant header" and
         # "history + assistant turn" is the response. Segments are tokenised separately so the boundary
         # between prompt and response is exact.
         segments: list[tuple[str, bool]] = []
         done = ""
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
@@ -224,7 +248,7 @@ class Encoder:
                 target, rest = response + self.eos, ""
             segments += [
                 (prompt[len(done) :], not self.mask_prompt),
-                (target, True),
+                (target, not last_only or i == last),
                 (rest, not self.mask_prompt),
             ]
             done = full
@@ -437,7 +461,12 @@ def build_instruct(cfg: RunConfig) -> DataBundle:
         "dropped": train_counts["dropped"] + eval_counts["dropped"],
         "train_tokens": n_tokens,
         "train_rows": len(train_ds),
+        "records": {"train": len(train_recs), "eval": len(eval_recs)},
+        "rows": {"train": len(train_ds), "eval": len(eval_ds) if eval_ds is not None else 0},
     }
+    if info["dropped"]:
+        info["dropped_why"] = (f"no response token left within data.max_length={opts.max_length} after "
+                               "truncation (the prompt fills it); raise data.max_length to keep them")
     if opts.packing:
         info["packing_efficiency"] = round(n_tokens / (len(train_ds) * opts.max_length), 4)
     generation = None

@@ -652,7 +652,9 @@ def predict_texts(
 @PREDICTORS.register("text_classification")
 def predict(run: Any, args: Any) -> list[dict[str, Any]]:
     """Predict with a finished run: `--text` (repeatable) or `--file` (CSV/TSV/JSONL/Parquet with the
-    run's text column, or a `text` column)."""
+    run's text column, or a `text` column). A file's own columns come through in each row (a name the
+    prediction uses, e.g. `label`, as `input_label`), and when it has the run's label column, accuracy and
+    macro-F1 against it go to stderr in one line."""
     from tunelab.tokenizers import load_hf_tokenizer
     from tunelab.weights import unwrap_model
 
@@ -665,7 +667,7 @@ def predict(run: Any, args: Any) -> list[dict[str, Any]]:
     )
     text = _arg(args, "text")
     file = _arg(args, "file")
-    pairs = None
+    pairs, rows = None, None
     if file:
         rows = read_rows(str(file))
         column = opts.text_column if opts.text_column in rows.columns else "text"
@@ -684,4 +686,39 @@ def predict(run: Any, args: Any) -> list[dict[str, Any]]:
     else:
         raise ConfigError('predict: give --text "..." or --file in.csv')
     batch_size = _arg(args, "batch_size") or run.cfg.eval.batch_size or run.cfg.train.batch_size
-    return predict_texts(model, tokenizer, texts, pairs, opts.max_length, batch_size)
+    predicted = predict_texts(model, tokenizer, texts, pairs, opts.max_length, batch_size)
+    if rows is None:
+        return predicted
+    if opts.label_column in rows.columns:
+        print(label_summary(rows, opts.label_column, predicted, model), file=sys.stderr)
+    return with_input_columns(rows, predicted)
+
+
+def with_input_columns(rows: Rows, predicted: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each input row's columns, then the prediction (its text is already among the columns); an input
+    column named like a prediction field is kept as `input_<name>`."""
+    out = []
+    for i, p in enumerate(predicted):
+        fields = {k: v for k, v in p.items() if k not in ("text", "text_pair")}
+        row = {(f"input_{k}" if k in fields else k): v[i] for k, v in rows.columns.items()}
+        row.update(fields)
+        out.append(row)
+    return out
+
+
+def label_summary(rows: Rows, column: str, predicted: list[dict[str, Any]], model: torch.nn.Module) -> str:
+    """One line: accuracy and macro-F1 of the predictions against the file's label column (names or ids)."""
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+    id2label = getattr(model.config, "id2label", {}) or {}
+    names = [id2label.get(i, id2label.get(str(i), str(i))) for i in range(model.config.num_labels)]
+    _, lookup = label_vocabulary([], names)
+    try:
+        truth = encode_labels(_raw_labels(rows, column), lookup, rows, names, "predict")
+    except DataError as e:
+        return f"no accuracy against column `{column}`: {e}"
+    guess = torch.tensor([lookup[p["label"]] for p in predicted])
+    n = len(names)
+    accuracy = float(multiclass_accuracy(guess, truth, n, average="micro"))
+    f1 = float(multiclass_f1_score(guess, truth, n, average="macro"))
+    return f"against column `{column}` ({len(truth)} rows): accuracy {accuracy:.4f}, macro-F1 {f1:.4f}"

@@ -1,4 +1,5 @@
-"""The engine's own callbacks: early stopping (more live beside the features they serve)."""
+"""The engine's own callbacks: early stopping, the test split at the end (more live beside the features they
+serve)."""
 
 from __future__ import annotations
 
@@ -80,3 +81,19 @@ class EarlyStopping(Callback):
         self.best, self.best_step = state["best"], state["best_step"]
         self.bad_evals = state["bad_evals"]
         self._best_weights = state.get("best_weights")
+
+
+class TestSetEval(Callback):
+    """A labelled test split, scored once by the trained model at the end of a run that finished (HF's
+    `trainer.evaluate(test_dataset)` habit): a `test` event in metrics.jsonl and summary.json's
+    `test_metrics` (and so the report)."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def on_fit_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        if summary["status"] not in ("completed", "stopped_early"):
+            return
+        metrics = trainer.evaluate(self.dataset)
+        summary["test_metrics"] = metrics
+        trainer.log("test", **metrics)

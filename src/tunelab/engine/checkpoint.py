@@ -25,7 +25,7 @@ import torch
 
 from tunelab.errors import CheckpointError, DataError, TunelabError
 from tunelab.io import verify_folder, write_dir_atomically
-from tunelab.weights import load_state_dict_file, save_state_dict
+from tunelab.weights import load_exact_state_dict, load_state_dict_file, save_state_dict
 
 
 def rng_state() -> dict[str, Any]:
@@ -65,7 +65,10 @@ def torch_load(path: Path) -> Any:
 
 def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors holding a NaN or an infinity."""
-    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    def local(v: torch.Tensor) -> torch.Tensor:
+        return v.to_local() if hasattr(v, "to_local") else v  # a rank's shard of a DTensor
+
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(local(v)).all())]
 
 
 class CheckpointManager:
@@ -97,9 +100,12 @@ class CheckpointManager:
                 write(tmp / name)
 
         write_dir_atomically(final, fill)
+        self.prune()
+        return final
+
+    def prune(self) -> None:
         for old in self.steps()[: -self.keep_last]:
             shutil.rmtree(self.path(old), ignore_errors=True)
-        return final
 
     def candidates(self) -> list[Path]:
         """Every checkpoint, newest first."""
@@ -117,6 +123,11 @@ class CheckpointManager:
 
 
 # -- the training state of a run ---------------------------------------------------------------------------
+# Two formats. A single process or DDP writes `model.safetensors` + `optimizer.pt` from rank 0 ("full"). FSDP
+# writes with torch.distributed.checkpoint ("dcp"): every rank its shards in parallel, rank 0 the training
+# state and the manifest, then renames the folder into place. Either loads into either engine and any number
+# of ranks: DCP reshards, a full checkpoint is sharded as it loads. The sampler's position is kept in global
+# samples, so a resume on another number of ranks neither skips nor repeats an example.
 
 
 def training_state(trainer: Any) -> dict[str, Any]:
@@ -125,6 +136,7 @@ def training_state(trainer: Any) -> dict[str, Any]:
         "global_step": trainer.global_step,
         "epoch": trainer.epoch,
         "batch_in_epoch": trainer.batch_in_epoch,
+        "samples_in_epoch": trainer.batch_in_epoch * trainer.dist.world_size * trainer.train_cfg.batch_size,
         "scheduler": trainer.scheduler.state_dict(),
         "scaler": trainer.step.scaler.state_dict() if trainer.step.scaler is not None else None,
         "rng": rng_state(),
@@ -134,6 +146,8 @@ def training_state(trainer: Any) -> dict[str, Any]:
         "callbacks": [cb.state_dict() for cb in trainer.callbacks],
         "trainable_only": trainer.strategy.checkpoint_trainable_only,
         "data": json.dumps(trainer.data_fingerprint),
+        "format": "dcp" if trainer.sharded else "full",
+        "world_size": trainer.dist.world_size,
     }
 
 
@@ -144,6 +158,8 @@ def _frozen(model: torch.nn.Module) -> set[str]:
 def save_checkpoint(trainer: Any, manager: CheckpointManager) -> Path:
     """Write `step-N/`: the weights (only the trainable ones and buffers for LoRA-style strategies, whose
     frozen base is rebuilt from its source on resume), the optimizer and the training state."""
+    if trainer.sharded:
+        return _save_sharded(trainer, manager)
     model = trainer.raw_model
     frozen = _frozen(model) if trainer.strategy.checkpoint_trainable_only else set()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in frozen}
@@ -154,6 +170,41 @@ def save_checkpoint(trainer: Any, manager: CheckpointManager) -> Path:
     })
 
 
+def _dcp_state(trainer: Any) -> dict[str, Any]:
+    """The model's and optimizer's state dicts keyed by parameter name (sharded under FSDP, whole otherwise)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(trainer.raw_model, trainer.optimizer)
+    if trainer.strategy.checkpoint_trainable_only:
+        frozen = _frozen(trainer.raw_model)
+        model_sd = {k: v for k, v in model_sd.items() if k not in frozen}
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def _save_sharded(trainer: Any, manager: CheckpointManager) -> Path:
+    import torch.distributed.checkpoint as dcp
+
+    from tunelab.engine.distributed import barrier
+    from tunelab.io import fsync_dir, replace_dir, write_manifest
+
+    final = manager.path(trainer.global_step)
+    tmp = final.with_name(f".tmp-{final.name}-dcp")  # one name every rank agrees on (the run folder is locked)
+    if trainer.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    dcp.save(_dcp_state(trainer), checkpoint_id=str(tmp))
+    barrier()
+    if trainer.is_main:
+        torch.save(training_state(trainer), tmp / "trainer_state.pt")
+        write_manifest(tmp)
+        fsync_dir(tmp)
+        replace_dir(tmp, final)  # visible only when every rank's shards are in
+        manager.prune()
+    barrier()
+    return final
+
+
 def resume_newest(trainer: Any, manager: CheckpointManager) -> Path:
     """Restore the newest checkpoint that verifies and loads; a damaged one (truncated, tampered, a
     pickle that is not weights-only) is reported and an older one is tried."""
@@ -161,14 +212,16 @@ def resume_newest(trainer: Any, manager: CheckpointManager) -> Path:
         try:
             verify_folder(path)
             state = torch_load(path / "trainer_state.pt")
-            weights = load_state_dict_file(path / "model.safetensors", verified=True)
-            optim_state = torch_load(path / "optimizer.pt")
             if not isinstance(state, dict) or "global_step" not in state:
                 raise CheckpointError(f"{path / 'trainer_state.pt'}: not a tunelab training state")
+            files = None
+            if state.get("format", "full") == "full":
+                files = (load_state_dict_file(path / "model.safetensors", verified=True),
+                         torch_load(path / "optimizer.pt"))
         except CheckpointError as e:
             print(f"warning: checkpoint {path.name} refused: {e}; falling back to an older one", file=sys.stderr)
             continue
-        _restore(trainer, path, state, weights, optim_state)
+        _restore(trainer, path, state, files)
         return path
     raise TunelabError(
         f"{trainer.output_dir}: no valid checkpoint to resume from (checkpoints are written every "
@@ -192,53 +245,101 @@ def _check_data(trainer: Any, saved: dict[str, Any] | None) -> None:
     trainer.log_on_resume = {**trainer.log_on_resume, "data_changed": changes}
 
 
-def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], trainable_only: bool,
-                  path: Path) -> None:
-    if not trainable_only:
-        model.load_state_dict(weights)
-        return
-    # Frozen base weights were not saved: they come from the pretrained source the run was rebuilt from.
-    # Everything else must be there, and nothing unknown.
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    bad = sorted(set(missing) - _frozen(model)) + sorted(unexpected)
-    if bad:
-        raise TunelabError(f"{path}: the checkpoint does not fit this model (e.g. {bad[0]!r}); was the run's "
-                           "model or strategy changed since it was saved?")
+def _load_full(trainer: Any, weights: dict[str, torch.Tensor], optim_state: dict[str, Any],
+               trainable_only: bool, path: Path) -> list[set[str]]:
+    """A rank-0 checkpoint into this run's model (sharded as it loads under FSDP); returns the saved
+    optimizer's parameter-group keys."""
+    model, optimizer = trainer.raw_model, trainer.optimizer
+    saved_keys = [set(g) - {"params"} for g in optim_state.get("param_groups", [])]
+    if trainer.sharded:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, strict=not trainable_only)
+        set_model_state_dict(model, weights, options=options)
+        if any(isinstance(v, torch.Tensor) for st in optim_state.get("state", {}).values() for v in st.values()):
+            set_optimizer_state_dict(model, optimizer, _by_name(optimizer, model, optim_state), options=options)
+        return saved_keys  # (a stateless optimizer, plain SGD, has nothing to load)
+    if trainable_only:  # frozen base weights come from the pretrained source the run was rebuilt from
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        bad = sorted(set(missing) - _frozen(model)) + sorted(unexpected)
+        if bad:
+            raise TunelabError(f"{path}: the checkpoint does not fit this model (e.g. {bad[0]!r}); was the run's "
+                               "model or strategy changed since it was saved?")
+    else:
+        load_exact_state_dict(model, weights, path, "was the run's model changed since it was saved? "
+                              "resume with the run's own model settings")
+    if len(saved_keys) == len(optimizer.param_groups) and all(
+            k == set(g) - {"params"} for k, g in zip(saved_keys, optimizer.param_groups)):
+        optimizer.load_state_dict(optim_state)
+    return saved_keys
 
 
-def _load_optimizer(trainer: Any, optim_state: dict[str, Any], path: Path) -> None:
-    """The saved optimizer state under this run's settings (lr, weight decay, betas, momentum): a resume with
-    optim.lr=X trains at X (the changed setting is logged), never only reports it. The schedule continues
-    from the saved step on this run's length (a --resume that extends max_steps follows the new schedule)."""
+def _by_name(optimizer: torch.optim.Optimizer, model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """torch's index-keyed optimizer state dict re-keyed by parameter name (what FSDP's loader takes); the
+    indices count the parameters of the groups in order, as this run's optimizer holds the same ones."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {order[i]: v for i, v in state["state"].items()}, "param_groups": groups}
+
+
+def _load_dcp(trainer: Any, path: Path, trainable_only: bool) -> list[set[str]]:
+    """A sharded checkpoint into this run's model, whatever its number of ranks (DCP reshards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    target = _dcp_state(trainer)
+    dcp.load(target, checkpoint_id=str(path))
+    set_state_dict(trainer.raw_model, trainer.optimizer, model_state_dict=target["model"],
+                   optim_state_dict=target["optimizer"], options=StateDictOptions(strict=not trainable_only))
+    return [set(g) - {"params"} for g in target["optimizer"].get("param_groups", [])]
+
+
+def _restore(trainer: Any, path: Path, state: dict[str, Any], files: tuple[Any, Any] | None) -> None:
+    _check_data(trainer, json.loads(state["data"]) if "data" in state else None)
+    # The optimizer's settings (lr, weight decay, betas, momentum) are this run's, not the checkpoint's: a
+    # resume with optim.lr=X trains at X (the changed setting is logged), never only reports it.
     optimizer, scheduler = trainer.optimizer, trainer.scheduler
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    saved_keys = [set(g) - {"params"} for g in optim_state.get("param_groups", [])]
+    trainable_only = bool(state.get("trainable_only"))
+    saved_keys = (_load_full(trainer, *files, trainable_only, path) if files is not None
+                  else _load_dcp(trainer, path, trainable_only))
     if len(saved_keys) != len(fresh) or any(k != set(f) for k, f in zip(saved_keys, fresh)):
         raise TunelabError(f"{path}: the checkpoint's optimizer does not fit this run's (optim.name, "
                            "param_groups or the strategy changed); resume with the run's own settings")
-    optimizer.load_state_dict(optim_state)
     for group, settings in zip(optimizer.param_groups, fresh):
         group.update(settings)
+    scheduler.load_state_dict(state["scheduler"])
     scheduler.base_lrs = [g["initial_lr"] for g in fresh]
-    step = scheduler.last_epoch
+    # The next step's learning rate on this run's schedule (also when --resume extends max_steps).
     for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base * fn(step)
+        group["lr"] = base * fn(scheduler.last_epoch)
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-
-
-def _restore(trainer: Any, path: Path, state: dict[str, Any], weights: dict[str, torch.Tensor],
-             optim_state: dict[str, Any]) -> None:
-    _check_data(trainer, json.loads(state["data"]) if "data" in state else None)
-    _load_weights(trainer.raw_model, weights, bool(state.get("trainable_only")), path)
-    trainer.scheduler.load_state_dict(state["scheduler"])
-    _load_optimizer(trainer, optim_state, path)
     if trainer.step.scaler is not None and state["scaler"]:
         trainer.step.scaler.load_state_dict(state["scaler"])
     trainer.global_step, trainer.epoch = state["global_step"], state["epoch"]
-    trainer.batch_in_epoch = state["batch_in_epoch"]
+    trainer.batch_in_epoch = _batch_position(trainer, state, path)
     trainer.best = json.loads(state["best"])
     trainer.last_eval = json.loads(state.get("last_eval", "null"))
     trainer.meter.window = state["window"]
     for cb, cb_state in zip(trainer.callbacks, state["callbacks"]):
         cb.load_state_dict(cb_state)
     set_rng_state(state["rng"])
+
+
+def _batch_position(trainer: Any, state: dict[str, Any], path: Path) -> int:
+    """This rank's micro-batches into the epoch, from the global samples the checkpoint had consumed."""
+    samples = state.get("samples_in_epoch")
+    if samples is None:
+        return state["batch_in_epoch"]
+    per_batch = trainer.dist.world_size * trainer.train_cfg.batch_size
+    if samples % per_batch:
+        raise TunelabError(
+            f"{path}: the run stopped {samples} examples into epoch {state['epoch']}, which is not a whole number "
+            f"of global batches of {per_batch} (train.batch_size x ranks); resume with a global batch that divides "
+            f"it (it was {state.get('world_size', 1)} ranks x the run's batch_size)")
+    return samples // per_batch

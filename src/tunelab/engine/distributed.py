@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -24,18 +25,23 @@ class DistInfo:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def initialized(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
 
-def init_distributed() -> DistInfo:
-    """Initialise the default process group when launched by torchrun (WORLD_SIZE > 1)."""
+
+def init_distributed(one_rank: bool = False, timeout_s: float = 1800) -> DistInfo:
+    """Initialise the default process group when launched by torchrun (WORLD_SIZE > 1; with `one_rank`, also
+    a 1-rank job, which FSDP needs to shard on one GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not (one_rank and "RANK" in os.environ and "MASTER_ADDR" in os.environ):
         return DistInfo()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local)
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         # Tear the group down before interpreter exit: left to C++ static destruction, the backend's
         # threads can still be joinable and the process aborts ("terminate called without an active
         # exception"), failing the job after training finished.
@@ -46,6 +52,30 @@ def init_distributed() -> DistInfo:
 def _destroy() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> int:
+    """End a torchrun rank: the ranks leave together (a barrier, when the command succeeded), Python's exit
+    handlers run while the interpreter is whole (the group is torn down there), then the process exits
+    without C++ static destruction. Left to the interpreter's own finalization, a gloo rank was seen to abort
+    ("terminate called without an active exception", SIGABRT) after its training had finished, failing the
+    job. Outside a process group this only returns `code`."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return code
+    import sys
+
+    if code == 0:
+        try:
+            dist.barrier()
+        except Exception:  # a peer already gone: nothing to wait for
+            pass
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -2,19 +2,25 @@
 
 `Meter` is the loop's collaborator that turns step results into the `train` log fields (loss averaged over
 the window's targets, samples/s, tokens/s, step time, the share of it spent waiting for data) and the run
-totals of summary.json. `FlopsCallback` adds achieved TFLOP/s and MFU for runs over fixed-length token
+totals of summary.json, with the share of wall time each phase took (`time_breakdown`: data wait,
+forward+backward, optimizer, eval, checkpoints; the rest is start-up, logging and callbacks), which answers
+"is my run slow because of data, compute or checkpoints?". `FlopsCallback` adds achieved TFLOP/s and MFU for runs over fixed-length token
 windows (the run attaches it when the data says `tokens_per_sample`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from tunelab.callbacks import Callback
 
+PHASES = ("data", "forward_backward", "optimizer", "eval", "checkpoint")
 _EMPTY = {"loss": 0.0, "targets": 0.0, "samples": 0, "tokens": 0, "time": 0.0, "data": 0.0, "steps": 0}
 
 
@@ -24,6 +30,23 @@ class Meter:
     def __init__(self, window: dict[str, Any] | None = None):
         self.window = dict(window or _EMPTY)  # a resumed run continues the window its checkpoint held
         self.train_time, self.samples, self.tokens, self.has_tokens = 0.0, 0, 0, False
+        self.phases = dict.fromkeys(PHASES, 0.0)  # seconds in this process
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Add the block's wall time to `phase`. On a GPU, kernels run asynchronously: time spent waiting
+        for them lands in the phase that waits (the totals are right, the split approximate)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[phase] += time.perf_counter() - t0
+
+    def breakdown(self, wall_s: float) -> dict[str, float]:
+        """Each phase's share of `wall_s`, and `other` for the rest."""
+        shares = {k: v / wall_s for k, v in self.phases.items()} if wall_s > 0 else dict.fromkeys(PHASES, 0.0)
+        shares["other"] = max(0.0, 1.0 - sum(shares.values()))
+        return shares
 
     def add(self, loss_sum: float, targets: float, samples: int, tokens: int | None, step_s: float,
             data_s: float) -> None:
@@ -35,6 +58,7 @@ class Meter:
         w["time"] += step_s
         w["data"] += data_s
         w["steps"] += 1
+        self.phases["data"] += data_s
         self.train_time += step_s
         self.samples += samples
         self.tokens += tokens or 0
@@ -65,6 +89,12 @@ class Meter:
         }
 
 
+def format_breakdown(shares: dict[str, float]) -> str:
+    """`time_breakdown` as one line: "data 1%, forward+backward 85%, ..." in the loop's order."""
+    names = {"forward_backward": "forward+backward"}
+    return ", ".join(f"{names.get(k, k)} {100 * v:.0f}%" for k, v in shares.items())
+
+
 # Dense bf16 tensor-core peaks (FLOP/s) by a substring of torch.cuda.get_device_name().
 PEAK_FLOPS = {
     "H200": 989e12,
@@ -91,6 +121,21 @@ def peak_flops(device: torch.device) -> float | None:
             if key in name:
                 return value
     return None
+
+
+def device_matmul_flops(device: torch.device, size: int = 1024, reps: int = 3) -> float:
+    """Measured fp32 matmul FLOP/s on the device (an optimistic rate for a training step)."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * size**3 * reps / max(time.perf_counter() - t0, 1e-9)
 
 
 def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
@@ -127,3 +172,7 @@ class FlopsCallback(Callback):
 
     def on_fit_end(self, trainer: Any, summary: dict[str, Any]) -> None:
         self._add(summary, summary.get("train_tokens_per_s"))
+        if summary.get("tflops") and trainer.device.type == "cpu":
+            # no published peak for a CPU: this machine's measured fp32 matmul rate (an optimistic bound)
+            summary["matmul_peak_tflops"] = device_matmul_flops(trainer.device) / 1e12
+            summary["flops_frac_of_matmul_peak"] = summary["tflops"] / summary["matmul_peak_tflops"]

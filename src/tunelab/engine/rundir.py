@@ -70,6 +70,14 @@ def is_run_folder(out: Path) -> bool:
     return (out / MARKER).is_file() or _written_by_tunelab_before_markers(out)
 
 
+def marker_kind(folder: Path) -> str | None:
+    """What the marker says `folder` is (`run folder`, `sweep folder`); None when it says nothing."""
+    try:
+        return json.loads((folder / MARKER).read_text()).get("tunelab")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _owner_alive(folder: Path) -> bool:
     """Whether some process holds the lock of `folder` (a run being trained or replaced)."""
     marker = folder / MARKER
@@ -191,10 +199,16 @@ class RunDir:
         old_lock.release()
 
 
-def _check_replaceable(out: Path) -> None:
+def set_aside(out: Path, lock: RunLock) -> tuple[Path, RunLock]:
+    """`--overwrite`: move folder `out`, locked by `lock`, to a hidden sibling (the lock follows it), for a
+    `RunDir` to delete once the replacement is built, or to put back if it fails."""
     here, target = Path.cwd().resolve(), out.resolve()
     if target == here or target in here.parents:
         raise ConfigError(f"`output.dir` = {out} is the current folder or holds it; --overwrite will not delete it")
+    moved = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    out.rename(moved)
+    lock.moved_to(moved)
+    return moved, lock
 
 
 @contextlib.contextmanager
@@ -225,6 +239,9 @@ def claim_run_dir(out: Path, resume: bool = False, overwrite: bool = False, main
             f"{out}: output folder is not empty and was not made by tunelab "
             f"({', '.join(sorted(entries)[:5])}); choose another output.dir=..."
         )
+    elif marker_kind(out) not in (None, "run folder"):
+        raise ConfigError(f"{out}: output folder holds a tunelab {marker_kind(out)}, not a run; "
+                          "choose another output.dir=...")
     lock = RunLock(out).acquire()
     aside = None
     try:
@@ -234,11 +251,7 @@ def claim_run_dir(out: Path, resume: bool = False, overwrite: bool = False, main
             if not overwrite:
                 raise ConfigError(f"{out}: output folder holds a run; pass --resume to continue it (from Python: "
                                   "fit(resume=True)) or --overwrite to replace it (or choose another output.dir=...)")
-            _check_replaceable(out)
-            moved = out.parent / f".{out.name}.replaced-{os.getpid()}"
-            out.rename(moved)
-            lock.moved_to(moved)
-            aside = (moved, lock)
+            aside = set_aside(out, lock)
             out.mkdir()
             lock = RunLock(out).acquire()
     except BaseException:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,7 +99,10 @@ class TrainStep:
             return out, self.task.loss_sum(out, batch)
 
     def _no_sync(self, last: bool) -> contextlib.AbstractContextManager:
-        """DDP all-reduces gradients only on the window's last backward."""
+        """DDP all-reduces (FSDP reduce-scatters) gradients only on the window's last backward."""
+        if hasattr(self.model, "set_requires_gradient_sync"):  # an FSDP2 module
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
         if last or not isinstance(self.model, nn.parallel.DistributedDataParallel):
             return contextlib.nullcontext()
         return self.model.no_sync()
@@ -112,7 +115,7 @@ class TrainStep:
         total = all_reduce_sum(torch.stack(counts).sum().to(self.device).float())
         if total.item() <= 0:
             raise DataError("a batch has no targets (are all its labels ignored?)")
-        scale = self.world_size / total  # DDP averages gradients over ranks; this makes it sum / total
+        scale = self.world_size / total  # DDP and FSDP average gradients over ranks; this makes it sum / total
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro):
             with self._no_sync(i == len(micro) - 1):
@@ -141,12 +144,20 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
+        if hasattr(norm, "full_tensor"):  # sharded parameters: the norm is a DTensor over all ranks
+            norm = norm.full_tensor()
         return norm
 
-    def __call__(self, micro: list[Batch], want_grad_norm: bool = False) -> StepResult:
-        """One optimizer step over the window `micro`."""
-        loss_sum, total = self.backward(micro)
-        return StepResult(loss_sum, total, self.update(want_grad_norm))
+    def __call__(self, micro: list[Batch], want_grad_norm: bool = False,
+                 timed: Callable[[str], contextlib.AbstractContextManager] | None = None) -> StepResult:
+        """One optimizer step over the window `micro`. `timed(phase)`, when given, times the two phases
+        ("forward_backward", "optimizer"; the Trainer's Meter)."""
+        timed = timed or (lambda phase: contextlib.nullcontext())
+        with timed("forward_backward"):
+            loss_sum, total = self.backward(micro)
+        with timed("optimizer"):
+            norm = self.update(want_grad_norm)
+        return StepResult(loss_sum, total, norm)
 
 
 @contextlib.contextmanager

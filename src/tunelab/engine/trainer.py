@@ -15,7 +15,7 @@ import math
 import resource
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from tunelab.data.base import (
 from tunelab.engine.batches import FixedBatches, Window, Windows, make_loader
 from tunelab.engine.callbacks import EarlyStopping, is_better
 from tunelab.engine.checkpoint import CheckpointManager, non_finite, resume_newest, save_checkpoint
-from tunelab.engine.distributed import DistInfo, init_distributed
+from tunelab.engine.distributed import DistInfo, all_reduce_sum, init_distributed
 from tunelab.engine.meter import Meter
 from tunelab.engine.progress import Progress
 from tunelab.engine.rundir import claim_run_dir
@@ -141,9 +141,11 @@ class Trainer:
         self.lr_scales, self.train_lengths, self.eval_lengths = lr_scales, train_lengths, eval_lengths
         self.strategy: Strategy = strategy or Full()
         self.model_spec = model_spec
-        self.dist: DistInfo = init_distributed()
+        self.dist: DistInfo = init_distributed(one_rank=self.train_cfg.distributed.strategy == "fsdp",
+                                                timeout_s=self.train_cfg.distributed.timeout_s)
         self.device = pick_device(self.train_cfg.device)
-        self.raw_model = model.to(self.device)
+        meta = any(p.is_meta for p in model.parameters())  # FSDP materialises it after sharding
+        self.raw_model = model if meta else model.to(self.device)
         self.model: nn.Module = self.raw_model  # compiled and/or DDP-wrapped in fit
         self.step = TrainStep.for_run(self.model, task, self.train_cfg, self.device, world_size=self.dist.world_size)
         self.callbacks: list[Callback] = list(callbacks)
@@ -153,6 +155,7 @@ class Trainer:
         # the run's position and record (all restored on resume)
         self.global_step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.should_stop, self.stop_reason, self.diverged = False, None, False
+        self.stop_status: str | None = None  # summary status of a stop a callback asks for (a sweep: `pruned`)
         self.best: dict[str, Any] | None = None
         self.last_eval: dict[str, Any] | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -171,6 +174,8 @@ class Trainer:
         self.data_fingerprint: dict[str, Any] = {"rows": {"train": len(train_data) if train_data is not None else 0,
                                                           "eval": len(eval_data) if eval_data is not None else 0}}
         self.allow_data_change = False
+        # FSDP with a model built on the meta device: fills the shards once they exist (run.fit_run sets it)
+        self.load_after_sharding: Callable[[nn.Module], None] | None = None
 
     def _add_early_stopping(self, es: EarlyStoppingSection) -> None:
         if not es.enabled:
@@ -199,6 +204,8 @@ class Trainer:
             with self._outcome() as outcome:  # from here on, any end writes summary.json
                 windows = self._windows()
                 self._emit("on_fit_start")
+                if self.eval_cfg.at_start and self.global_step == 0:
+                    self.evaluate_and_track()  # the untrained model: step 0 of the curves
                 while not self._done():
                     window = next(windows)
                     if window.starts_epoch:
@@ -214,7 +221,8 @@ class Trainer:
         """One optimizer step; a non-finite loss stops the run (nothing from that step is saved)."""
         t0 = time.perf_counter()
         try:
-            result = self.step(window.batches, want_grad_norm=self._due(self.train_cfg.log_every, self.global_step + 1))
+            result = self.step(window.batches, want_grad_norm=self._due(self.train_cfg.log_every, self.global_step + 1),
+                               timed=self.meter.timed)
         except (RuntimeError, MemoryError) as e:
             err = _memory_error(e, self.global_step + 1, self.train_cfg)
             if err is e:
@@ -235,6 +243,7 @@ class Trainer:
         """The follow-ups of a step, each on its own schedule: progress, the train log, eval, checkpoint."""
         cfg = self.train_cfg
         self.progress.step()
+        self._emit("on_optimizer_step")
         if self._due(cfg.log_every, self.global_step):
             self._log_train(result)
         if self.eval_data is not None and self.eval_cfg.every and self.global_step % self.eval_cfg.every == 0:
@@ -283,6 +292,8 @@ class Trainer:
         for split, ds in (("train", self.train_data), ("eval", self.eval_data)):
             if ds is not None:
                 self.task.check_dataset(ds, split)  # labels outside the task's classes: one clear error
+        if self.eval_cfg.at_start and self.eval_data is None:
+            raise ConfigError("`eval.at_start` = true needs evaluation data (an eval split)")
 
     def _run_folder(self, resume: bool) -> contextlib.AbstractContextManager:
         """The run folder is locked for the whole run (a second process on it gets a clear error), and a
@@ -294,6 +305,8 @@ class Trainer:
     def _setup(self, resume: bool) -> None:
         cfg = self.train_cfg
         torch.manual_seed(cfg.seed)
+        if self.sharded:
+            self._shard()  # before the optimizer: FSDP replaces the parameters by their shards
         self.optimizer = build_optimizer(self.raw_model, self.optim_cfg, self.lr_scales, self.device)
         self.sampler = self._train_sampler()
         if len(self.sampler) == 0:
@@ -312,7 +325,32 @@ class Trainer:
         self._open_log(resume)
         self.progress = Progress(self._progress_mode(), self.total_steps, self.global_step)
 
+    @property
+    def sharded(self) -> bool:
+        """Parameters, gradients and optimizer state sharded over the ranks (`train.distributed.strategy: fsdp`)."""
+        return self.dist.initialized and self.train_cfg.distributed.strategy == "fsdp"
+
+    def _shard(self) -> None:
+        """FSDP2 per transformer block and at the root (engine.fsdp); a model built on the meta device is
+        materialised here and gets its weights shard by shard (`load_after_sharding`)."""
+        from tunelab.engine import fsdp
+
+        if hasattr(self.raw_model, "peft_config") and self.model_spec and not keeps_adapters(self.model_spec):
+            raise ConfigError("LoRA on this model saves a merged model, which FSDP cannot gather yet; use "
+                              "train.distributed.strategy=ddp, or full fine-tuning with fsdp")
+        mesh = fsdp.device_mesh(self.dist, self.train_cfg.distributed, self.device)
+        fsdp.shard(self.raw_model, mesh, self.train_cfg.distributed, self.autocast_dtype, self.train_cfg.compile)
+        if any(p.is_meta for p in self.raw_model.parameters()):
+            fsdp.materialize(self.raw_model, self.device)
+            if self.load_after_sharding is not None:
+                self.load_after_sharding(self.raw_model)
+        self.log_on_start["fsdp"] = {"ranks": self.dist.world_size, "param_bytes_rank": fsdp.local_bytes(self.raw_model),
+                                     "param_bytes_model": fsdp.param_bytes_full(self.raw_model)}
+
     def _wrap_model(self) -> None:
+        if self.sharded:
+            self.step.model = self.model  # sharded (and compiled per block) in _shard
+            return
         if self.train_cfg.compile:
             self.model = torch.compile(self.raw_model)
         if self.dist.enabled:
@@ -350,8 +388,9 @@ class Trainer:
     # -- the outcome ------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _outcome(self) -> Iterator[_Outcome]:
-        """Turns how the loop ended into summary.json: completed / stopped_early / diverged (the doctor) /
-        failed / interrupted. Any error or Ctrl-C still writes the summary, then propagates."""
+        """Turns how the loop ended into summary.json: completed / stopped_early (or the `stop_status` a
+        callback set) / diverged (the doctor) / failed / interrupted. Any error or Ctrl-C still writes the
+        summary, then propagates."""
         outcome = _Outcome(time.perf_counter())
         try:
             yield outcome
@@ -368,9 +407,17 @@ class Trainer:
                 print(f"warning: could not write the run summary: {inner}", file=sys.stderr)
             raise
         else:
-            outcome.summary = self._finish("stopped_early" if self.should_stop else "completed", None, outcome.start)
+            status = (self.stop_status or "stopped_early") if self.should_stop else "completed"
+            outcome.summary = self._finish(status, None, outcome.start)
 
     def _finish(self, status: str, error: str | None, start: float) -> dict[str, Any]:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            # the run is ending anyway: a SIGTERM now (torchrun stopping the ranks after one failed) must not
+            # cut the summary's write short; terminate_as_interrupt restores the handler afterwards
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if self.progress is not None:
             self.progress.close()
         if status not in ("failed", "interrupted"):
@@ -388,16 +435,17 @@ class Trainer:
             "wall_s": time.perf_counter() - start,
             "peak_rss_mb": peak_rss_mb(),
         }
+        summary["time_breakdown"] = self.meter.breakdown(summary["wall_s"])
         if self.device.type == "cuda":
             summary["peak_gpu_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         if error:
             summary["error"] = error
         if self.stop_reason:
             summary["stop_reason"] = self.stop_reason
+        if self.output_dir is not None and status not in ("failed", "interrupted"):
+            self.save_model("final")  # before on_fit_end: trackers upload it there
         self._emit("on_fit_end", summary)  # the doctor may turn `completed` into `diverged`
         if self.is_main and self.output_dir is not None:
-            if summary["status"] not in ("failed", "interrupted"):
-                self.save_model("final")
             self.log("end", **{k: v for k, v in summary.items() if k not in ("metrics", "best")})
             atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2, default=float))
         self._close_log()
@@ -504,13 +552,15 @@ class Trainer:
         metrics = self.task.metrics().to(self.device)
         was_training = self.model.training
         self.model.eval()
+        real = getattr(loader, "real_batches", None)  # sharded: the batches past it only keep ranks in step
         with torch.inference_mode():
             for i, batch in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
                     break
                 batch = to_device(batch, self.device)
                 out, loss_sum = self.step.forward(batch)
-                metrics.update(out, batch, loss_sum, self.task.count_targets(batch))
+                if real is None or i < real:
+                    metrics.update(out, batch, loss_sum, self.task.count_targets(batch))
         metrics.sync()
         if was_training:
             self._set_train_mode()
@@ -521,17 +571,25 @@ class Trainer:
         lengths = self.eval_lengths if dataset is self.eval_data else None
         sampler = (SortedEvalBatchSampler(lengths, bs) if lengths is not None
                    else ResumableBatchSampler(len(dataset), bs, shuffle=False))
+        real = None
         if self.dist.enabled:  # each rank takes every world_size-th batch; metrics are all-reduced
-            sampler = FixedBatches(sampler.epoch_batches()[self.dist.rank :: self.dist.world_size])
+            batches = sampler.epoch_batches()
+            mine = batches[self.dist.rank :: self.dist.world_size]
+            if self.sharded:  # every rank runs as many forwards (FSDP gathers weights in each): pad, uncounted
+                real, want = len(mine), math.ceil(len(batches) / self.dist.world_size)
+                mine += [batches[0]] * (want - real)
+            sampler = FixedBatches(mine)
         loader = make_loader(dataset, sampler, self.collate_fn, seed=0, workers=self.train_cfg.num_workers,
                              pin_memory=self.device.type == "cuda")
+        loader.real_batches = real
         if dataset is self.eval_data:
             self._eval_loader = loader
         return loader
 
     def evaluate_and_track(self) -> dict[str, Any]:
         """Evaluate, log, keep best/ by `eval.monitor`, and tell the callbacks."""
-        metrics = self.evaluate()
+        with self.meter.timed("eval"):
+            metrics = self.evaluate()
         self.last_eval = {"step": self.global_step, **metrics}
         self.log("eval", **metrics)
         if self.progress is not None:
@@ -543,7 +601,7 @@ class Trainer:
             value = float(metrics[self.monitor])
             if is_better(value, self.best["value"] if self.best else None, self.monitor_mode):
                 self.best = {"metric": self.monitor, "value": value, "step": self.global_step}
-                if self.is_main and self.output_dir is not None:
+                if self.output_dir is not None:
                     self.save_model("best")
                 self.log("best", **self.best)
         self._emit("on_eval_end", metrics)
@@ -552,45 +610,64 @@ class Trainer:
     # -- saving -----------------------------------------------------------------------------------------------
     def _poisoned(self, what: str) -> bool:
         """True (with a warning) when a weight, buffer or optimizer state holds a NaN/inf: such a state is
-        never saved as a checkpoint or best/ (a BatchNorm running_var can overflow while the loss is finite)."""
+        never saved as a checkpoint or best/ (a BatchNorm running_var can overflow while the loss is finite).
+        Sharded: every rank checks its shards and all agree."""
         state = dict(self.raw_model.state_dict())
         if self.optimizer is not None:
             for i, st in enumerate(self.optimizer.state.values()):
                 state.update({f"optimizer.state[{i}].{k}": v for k, v in st.items() if isinstance(v, torch.Tensor)})
         bad = non_finite(state)
-        if bad:
+        if self.sharded:
+            bad = bad if all_reduce_sum(torch.tensor(float(len(bad)))).item() == 0 else (bad or ["(on another rank)"])
+        if bad and self.is_main:
             print(f"warning: step {self.global_step}: not saving {what}: {len(bad)} tensors hold NaN/inf "
                   f"(e.g. {bad[0]}); the earlier ones are kept", file=sys.stderr)
             self.log("skipped_save", what=what, non_finite=bad[:10])
         return bool(bad)
 
     def save_checkpoint(self) -> Path | None:
-        """Write `checkpoints/step-N/` (the full training state) unless the state holds NaN/inf."""
+        """Write `checkpoints/step-N/` (the full training state) unless the state holds NaN/inf. Sharded runs
+        write from every rank (DCP); others from rank 0."""
         if self.checkpoints is None or self.optimizer is None:
             raise TunelabError("save_checkpoint() needs a started run with an output_dir: call fit() "
                                "(checkpoints are written during it)")
-        if not self.is_main or self._poisoned("a checkpoint"):
+        if (not self.sharded and not self.is_main) or self._poisoned("a checkpoint"):
             return None
-        path = save_checkpoint(self, self.checkpoints)
+        with self.meter.timed("checkpoint"):
+            path = save_checkpoint(self, self.checkpoints)
         self.log("checkpoint", path=str(path))
         return path
 
-    def _save_model_folder(self, folder: Path) -> None:
+    def _save_model_folder(self, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         spec = self.model_spec
         if spec is None or spec.get("name") is None:  # a model of the user's own, built outside the registry
             folder.mkdir(parents=True, exist_ok=True)
-            save_state_dict(self.raw_model.state_dict(), folder / "model.safetensors")
+            save_state_dict(state_dict if state_dict is not None else self.raw_model.state_dict(),
+                            folder / "model.safetensors")
             spec = {"name": None, "class": type(self.raw_model).__qualname__}
             (folder / "tunelab_model.json").write_text(json.dumps(spec, indent=2))
             return
-        save_model_folder(self.strategy.model_to_save(self.raw_model, keeps_adapters(spec)), folder, spec)
+        model = self.strategy.model_to_save(self.raw_model, keeps_adapters(spec))
+        save_model_folder(model, folder, spec, state_dict=state_dict)
 
     def save_model(self, name: str) -> Path | None:
-        """Write `final/` or `best/` atomically (temporary folder, then rename); `best/` only from finite weights."""
+        """Write `final/` or `best/` atomically (temporary folder, then rename); `best/` only from finite
+        weights. Sharded: every rank sends its shards, rank 0 writes the ordinary folder every tool loads."""
         if name == "best" and self._poisoned("best/"):
             return None
+        full = None
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            first: dict[int, str] = {}  # tied weights gathered as copies: share them again, as savers expect
+            for key, value in self.raw_model.state_dict(keep_vars=True).items():
+                if key in full:
+                    full[key] = full[first.setdefault(id(value), key)]
+        if not self.is_main or self.output_dir is None:
+            return None
         final = self.output_dir / name
-        write_dir_atomically(final, self._save_model_folder)
+        write_dir_atomically(final, lambda folder: self._save_model_folder(folder, full))
         return final
 
 

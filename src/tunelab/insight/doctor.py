@@ -7,7 +7,9 @@ goes, reports each kind of problem once, to the console and as a `diagnosis` eve
 from where the HTML report shows it.
 
 Kinds: overfitting, divergence, lr_too_low, underfitting, data_loader_bound, exploding_gradients,
-vanishing_gradients, class_imbalance.
+vanishing_gradients, class_imbalance; for preference tuning (DPO, ORPO, SimPO), from the held-out reward
+margin and chosen log-probabilities: margin_collapse, chosen_likelihood_falling (underfitting, a loss
+ratio, does not apply there: the DPO loss starts at ln 2 and ends well above 60% of it).
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ class DoctorOptions(BaseModel):
     vanish_norm: float = Field(1e-8, gt=0)  # total grad norm below this: no gradient at all
     imbalance_ratio: float = Field(10.0, gt=1)  # largest class / smallest class in the training labels
     min_logs: int = Field(3, ge=1)  # train logs before the statistics-based checks speak
+    margin_peak: float = Field(0.05, gt=0)  # preference: a held-out reward margin that reached this ...
+    margin_collapse: float = Field(0.1, ge=0, lt=1)  # ... and fell below this fraction of it has collapsed
+    chosen_logp_drop: float = Field(2.0, gt=0)  # nats the chosen replies' log-prob falls while the margin grows
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> DoctorOptions:
@@ -88,6 +93,12 @@ REMEDIES = {
     "check the input scaling and the initialisation",
     "vanishing_gradients": "use normalisation layers and residual connections, ReLU/GELU instead of "
     "sigmoid/tanh, a variance-preserving init (init.scheme=kaiming or xavier), or layer-wise LR",
+    "margin_collapse": "lower optim.lr (large steps push both replies' likelihood down together until the "
+    "margin vanishes), raise task.beta to hold the policy closer to its reference, check the pairs for "
+    "near-duplicate or flipped replies (task.label_smoothing=0.1 for noisy preferences), or try task.loss=ipo",
+    "chosen_likelihood_falling": "add a likelihood term on the chosen replies (task.nll_weight=0.2 to 1, as "
+    "RPO does), lower optim.lr or raise task.beta, or use task.name=orpo, whose loss includes that term; "
+    "evaluate generations, not only the margin",
     "class_imbalance": "weight the loss (loss.class_weights), monitor f1_macro instead of accuracy "
     "(eval.monitor=f1_macro), or over-sample the rare classes",
 }
@@ -325,6 +336,52 @@ def check_class_imbalance(
     )
 
 
+def _preference_evals(evals: Sequence[Record]) -> list[Record]:
+    return [r for r in evals if _finite(r.get("reward_margin")) and not r.get("restored_best")]
+
+
+def check_margin_collapse(evals: Sequence[Record], o: DoctorOptions) -> Diagnosis | None:
+    """Preference tuning: the held-out reward margin grew, then fell back to about zero."""
+    ev = _preference_evals(evals)
+    if len(ev) < 2:
+        return None
+    peak = max(ev, key=lambda r: r["reward_margin"])
+    last = ev[-1]
+    if peak is last or peak["reward_margin"] < o.margin_peak or last["reward_margin"] > o.margin_collapse * peak[
+            "reward_margin"]:
+        return None
+    return Diagnosis(
+        "margin_collapse",
+        f"the held-out reward margin rose to {_fmt(peak['reward_margin'])} (step {peak['step']}) and fell to "
+        f"{_fmt(last['reward_margin'])} (step {last['step']})"
+        + (f"; reward accuracy {_fmt(last['reward_accuracy'])}" if _finite(last.get("reward_accuracy")) else ""),
+        REMEDIES["margin_collapse"],
+        last["step"],
+    )
+
+
+def check_chosen_likelihood_falling(evals: Sequence[Record], o: DoctorOptions) -> Diagnosis | None:
+    """Preference tuning's known failure: the margin grows while the chosen replies lose likelihood (below
+    the reference's: their reward is negative), i.e. the policy wins by pushing both replies down."""
+    ev = [r for r in _preference_evals(evals) if _finite(r.get("logp_chosen"))]
+    if len(ev) < 2:
+        return None
+    first, last = ev[0], ev[-1]
+    drop = first["logp_chosen"] - last["logp_chosen"]
+    below = not _finite(last.get("reward_chosen")) or last["reward_chosen"] < 0
+    if last["reward_margin"] <= first["reward_margin"] or drop < o.chosen_logp_drop or not below:
+        return None
+    reward = f", chosen reward {_fmt(last['reward_chosen'])}" if _finite(last.get("reward_chosen")) else ""
+    return Diagnosis(
+        "chosen_likelihood_falling",
+        f"the held-out reward margin grew from {_fmt(first['reward_margin'])} (step {first['step']}) to "
+        f"{_fmt(last['reward_margin'])} (step {last['step']}) while the chosen replies' log-probability fell "
+        f"from {_fmt(first['logp_chosen'])} to {_fmt(last['logp_chosen'])}{reward}",
+        REMEDIES["chosen_likelihood_falling"],
+        last["step"],
+    )
+
+
 def diagnose_records(records: Sequence[Record], o: DoctorOptions | None = None) -> list[Diagnosis]:
     """All the record-based checks over a finished run's metrics.jsonl (for runs logged without the doctor)."""
     o = o or DoctorOptions()
@@ -340,8 +397,11 @@ def diagnose_records(records: Sequence[Record], o: DoctorOptions | None = None) 
         check_lr_too_low(trains, o),
         check_data_loader(trains, o),
         check_overfitting(trains, evals, o),
+        check_margin_collapse(evals, o),
+        check_chosen_likelihood_falling(evals, o),
     ]
-    if diverged is None and not any(d and d.kind == "lr_too_low" for d in found):
+    lr_too_low = any(d and d.kind == "lr_too_low" for d in found)
+    if diverged is None and not lr_too_low and not _preference_evals(evals):
         found.append(check_underfitting(trains, evals, o))
     return [d for d in found if d is not None]
 
@@ -366,6 +426,10 @@ def label_counts(dataset: Any, num_classes: int | None = None) -> list[int] | No
     if t.numel() == 0:
         return None
     return torch.bincount(t, minlength=num_classes or 0).tolist()
+
+
+# the eval metrics the checks read
+EVAL_KEYS = ("loss", "reward_margin", "reward_accuracy", "reward_chosen", "logp_chosen")
 
 
 class Doctor(Callback):
@@ -437,8 +501,10 @@ class Doctor(Callback):
         self._report(trainer, check_data_loader(trains, o, trainer.train_cfg.num_workers))
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        self.evals.append({"step": trainer.global_step, **{k: v for k, v in metrics.items() if k == "loss"}})
+        self.evals.append({"step": trainer.global_step, **{k: v for k, v in metrics.items() if k in EVAL_KEYS}})
         self._report(trainer, check_overfitting(self.trains, self.evals, self.o))
+        self._report(trainer, check_margin_collapse(self.evals, self.o))
+        self._report(trainer, check_chosen_likelihood_falling(self.evals, self.o))
 
     def on_fit_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
         for h in self._hooks:
@@ -453,7 +519,7 @@ class Doctor(Callback):
             )
         else:
             self._report(trainer, check_divergence(self.trains, self.o))
-            if "lr_too_low" not in self.reported:
+            if "lr_too_low" not in self.reported and not _preference_evals(self.evals):
                 self._report(trainer, check_underfitting(self.trains, self.evals, self.o))
         if "divergence" in self.reported and summary.get("status") in ("completed", "stopped_early"):
             summary["status"] = "diverged"  # finite but far above its minimum: not a run to trust

@@ -3,7 +3,8 @@
 Parameters (total, trainable); peak memory broken down into weights, gradients, optimizer states and
 activations; FLOPs per optimizer step and an estimated step time on this device; and, when the budget is
 too small, the levers that would fit it (smaller micro-batch with accumulation, activation checkpointing,
-LoRA, QLoRA, FSDP across N GPUs).
+LoRA, QLoRA, FSDP across N GPUs). With `--nproc G [--nnodes N]`, the per-rank memory of the same job under
+DDP, FSDP and (several nodes) HSDP, and the bytes each rank moves per optimizer step.
 
 How: the model is built (on CPU) and one forward/backward *probe* runs on a single worst-case example
 (the longest of the training set). Autograd's saved tensors are counted through
@@ -15,11 +16,13 @@ probe. Weights, gradients and optimizer states are counted from the parameters a
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tunelab.engine.meter import device_matmul_flops
 from tunelab.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -61,6 +64,32 @@ class Lever:
 
 
 @dataclass
+class RankPlan:
+    """One rank's share of a torchrun job (`train.batch_size` stays per rank, so activations do not shrink),
+    and what it sends per optimizer step (ring collectives: about what it receives too)."""
+
+    strategy: str  # ddp | fsdp | hsdp
+    override: str
+    ranks: int
+    shard_ranks: int  # ranks one parameter is split over (1 for DDP)
+    weights_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    working_bytes: int  # gathered blocks (FSDP), gradient buckets (DDP), the single-process working space
+    total_bytes: int
+    all_gather_bytes: int
+    reduce_scatter_bytes: int
+    all_reduce_bytes: int
+    fits: bool | None = None
+    note: str = ""
+
+    @property
+    def traffic_bytes(self) -> int:
+        return self.all_gather_bytes + self.reduce_scatter_bytes + self.all_reduce_bytes
+
+
+@dataclass
 class Plan:
     model: str
     device: str
@@ -84,6 +113,12 @@ class Plan:
     fits: bool | None
     levers: list[Lever] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    ranks: list[RankPlan] = field(default_factory=list)
+    # The process around the tensors: interpreter, libraries, tokenizer, data (measured in this process once
+    # the run is built); with the peak above, the peak RSS a CPU run reports (summary.json, top).
+    baseline_bytes: int | None = None
+    process_peak_bytes: int | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # where the plan's own time went
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +137,8 @@ def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
         st = t.untyped_storage()
         return st.data_ptr(), st.nbytes()
     except (RuntimeError, NotImplementedError):  # tensor subclasses without storage (e.g. quantised)
+        return None
+    except AttributeError:  # an output that is not one tensor (preference tasks: per-pair log-probs, bytes)
         return None
 
 
@@ -177,23 +214,6 @@ def probe_step(
         task.batch_size(batch),
         seq,
     )
-
-
-def device_matmul_flops(device: torch.device, size: int = 1024, reps: int = 3) -> float:
-    """Measured fp32 matmul FLOP/s on the device (an optimistic rate for a training step)."""
-    import torch
-
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 2 * size**3 * reps / max(time.perf_counter() - t0, 1e-9)
 
 
 def longest_example_batch(data: Any, collate_fn: Any, m: int = 1) -> dict[str, Any]:
@@ -333,6 +353,34 @@ def _selectively_kept(model: torch.nn.Module, blocks: list, task: Any, batch: di
 # -- the plan ------------------------------------------------------------------------------------------
 
 
+def process_rss_bytes() -> int | None:
+    """This process's resident set now (Linux /proc), or None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def baseline_bytes(model: torch.nn.Module, weights: int) -> int | None:
+    """What a training process holds besides the run's tensors, measured in this one once the run is built:
+    the interpreter, the libraries, the tokenizer and the data. First paid here as training pays them: the
+    import the first optimizer triggers (torch._dynamo, ~150 MB) and every weight page read (safetensors may
+    map weights lazily); then the RSS less the weights."""
+    import torch
+
+    try:
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
+    except RuntimeError:
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.device.type == "cpu" and t.numel():
+                t.sum()
+    rss = process_rss_bytes()
+    return None if rss is None else max(0, rss - weights)
+
+
 def peak_bytes(weights: float, gradients: float, optimizer: float, activations: float, working: float) -> int:
     """Peak of one training step. Gradients are freed after each step (zero_grad(set_to_none=True)) and
     grow during backward while the saved activations are released, so the two do not add up: the peak is
@@ -340,7 +388,8 @@ def peak_bytes(weights: float, gradients: float, optimizer: float, activations: 
     return int(weights + optimizer + max(activations, gradients) + working)
 
 
-def make_plan(cfg: RunConfig, budget: int | None = None, log=print, time_device: bool = True) -> Plan:
+def make_plan(cfg: RunConfig, budget: int | None = None, log=print, time_device: bool = True,
+              nproc: int = 1, nnodes: int = 1) -> Plan:
     """Build the run on CPU, probe one example, and return the plan for the configured micro-batch."""
     # Stays whole (over 60 lines): the plan's arithmetic reads top to bottom in the order of the printed breakdown.
     import torch
@@ -353,7 +402,17 @@ def make_plan(cfg: RunConfig, budget: int | None = None, log=print, time_device:
         cfg = cfg.model_copy(deep=True)
         cfg.optim.lr = 1e-3  # the plan does not depend on it
     target = pick_device(cfg.train.device)
+    clock = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 2)
+        clock = now
+
     run = build_run(cfg, log=log)
+    lap("build the run (data: read + tokenise; model: load)")
     model = run.model
     run.strategy.on_epoch_start(model, 0)
     total, trainable = count_parameters(model)
@@ -366,6 +425,8 @@ def make_plan(cfg: RunConfig, budget: int | None = None, log=print, time_device:
         weights += p.numel() * p.element_size()
         if isinstance(p, torch.nn.Parameter) and p.requires_grad:
             params.append(p)
+    baseline = baseline_bytes(model, weights)
+    lap("measure the baseline")
     grads = sum(p.numel() * p.element_size() for p in params)
     opt = optimizer_state_bytes(params, cfg.optim.name, cfg.optim.momentum)
     autocast = resolve_precision(cfg.train.precision, target)
@@ -373,6 +434,7 @@ def make_plan(cfg: RunConfig, budget: int | None = None, log=print, time_device:
     probe_autocast = autocast if autocast == torch.bfloat16 else None  # CPU autocast: bf16 only
     batch = longest_example_batch(run.data, run.data.collate_fn)
     pr = probe_step(model, run.task, batch, probe_autocast, cpu)
+    lap("probe: one forward/backward on the longest example")
     micro, accum = cfg.train.batch_size, cfg.train.grad_accum
     scale = micro / max(pr.batch, 1)
     activations = int((pr.saved_bytes + pr.output_bytes) * scale)
@@ -381,6 +443,7 @@ def make_plan(cfg: RunConfig, budget: int | None = None, log=print, time_device:
     if recompute:
         activations += int(recompute * scale)
         notes.append("activation checkpointing: kept layer inputs + one layer recomputed in backward")
+    lap("probe again for activation checkpointing")
     if autocast == torch.float16:
         activations //= 2
         notes.append("fp16 activations estimated as half of the fp32 probe")
@@ -402,6 +465,7 @@ def make_plan(cfg: RunConfig, budget: int | None = None, log=print, time_device:
     flops = pr.flops * scale * accum
     here = target.type == "cpu" or (target.type == "cuda" and torch.cuda.is_available())
     dev_flops = device_matmul_flops(target) if time_device and here else None
+    lap("time this device's matmul rate")
     step_time = flops / dev_flops if dev_flops else None
     if budget is None:
         budget = _device_memory(target)
@@ -427,10 +491,78 @@ def make_plan(cfg: RunConfig, budget: int | None = None, log=print, time_device:
         budget_bytes=budget,
         fits=None if budget is None else total_bytes <= budget,
         notes=notes,
+        baseline_bytes=baseline,
+        # CPU: the tensors live in the process; GPU: the host holds the weights it loaded (CUDA's own not counted)
+        process_peak_bytes=None if baseline is None else baseline + (total_bytes if target.type == "cpu" else weights),
+        seconds=seconds,
     )
     if budget is not None and total_bytes > budget:
         plan.levers = levers(plan, cfg, model, pr, budget)
+    if nproc < 1 or nnodes < 1:
+        raise ConfigError(f"--nproc {nproc} / --nnodes {nnodes}: both must be at least 1")
+    if nproc * nnodes > 1:
+        plan.ranks = rank_plans(plan, cfg, model, nproc, nnodes)
     return plan
+
+
+def rank_plans(plan: Plan, cfg: RunConfig, model: torch.nn.Module, nproc: int, nnodes: int) -> list[RankPlan]:
+    """Per-rank memory and traffic of the job under DDP, FSDP and, on several nodes, HSDP.
+
+    FSDP (reshard after forward, tunelab's default) holds 1/S of the parameters, gradients and optimizer
+    state, plus, while a block runs, its gathered parameters and the next block's (prefetch), the root's
+    gathered parameters (embeddings, head: kept through the step), and a block's unsharded gradients until
+    they are reduce-scattered. Gradient accumulation keeps unsharded gradients across micro-batches (FSDP2
+    without gradient sync), so then the whole gradient is held once. Traffic: parameters are all-gathered
+    in forward and again in backward for each micro-batch, gradients reduce-scattered once per step (and,
+    for HSDP, all-reduced across the replicas). DDP all-reduces the gradients once per step, through
+    bucket copies of them."""
+    from tunelab.engine.fsdp import transformer_blocks
+
+    world = nproc * nnodes
+
+    def bytes_of(params: Any, trainable_only: bool = False) -> int:
+        return sum(p.numel() * p.element_size() for p in params if p.requires_grad or not trainable_only)
+
+    blocks = transformer_blocks(model)
+    block_params = [bytes_of(b.parameters()) for b in blocks]
+    block_grads = [bytes_of(b.parameters(), trainable_only=True) for b in blocks]
+    all_params = {id(p): p for p in model.parameters()}
+    params = bytes_of(all_params.values())
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    root_params = bytes_of(p for k, p in all_params.items() if k not in in_blocks)
+    root_grads = bytes_of((p for k, p in all_params.items() if k not in in_blocks), trainable_only=True)
+    buffers = plan.weights_bytes - params  # BatchNorm statistics, rotary tables: not sharded
+    g, o, act = plan.gradients_bytes, plan.optimizer_bytes, plan.activations_bytes
+    cast = 0.5 if plan.precision == "torch.bfloat16" else 1.0  # parameters gathered in bf16 under bf16
+    accum, dist = plan.grad_accum, cfg.train.distributed
+    rows = [RankPlan("ddp", "train.distributed.strategy=ddp", world, 1, plan.weights_bytes, g, o, act,
+                     plan.overhead_bytes + g, peak_bytes(plan.weights_bytes, g, o, act, plan.overhead_bytes + g),
+                     0, 0, int(2 * (world - 1) / world * g), note="gradient buckets: a second copy of the gradients")]
+    options = [("fsdp", world, "train.distributed.strategy=fsdp")]
+    if nnodes > 1:
+        options.append(("hsdp", nproc, f"train.distributed.strategy=fsdp train.distributed.replicas={nnodes}"))
+    for name, s, override in options:
+        replicas = world // s
+        largest = max(block_params, default=0)
+        held = sum(block_params) if not dist.reshard_after_forward else 2 * largest
+        gathered = int(cast * (root_params + min(held, sum(block_params))))
+        unsharded_grads = g if accum > 1 else root_grads + max(block_grads, default=0)
+        weights = params // s + buffers
+        working = plan.overhead_bytes + gathered + unsharded_grads
+        passes = 1 if not dist.reshard_after_forward else 2  # blocks gathered again in backward
+        gather = accum * (s - 1) / s * cast * (root_params + passes * sum(block_params))
+        rows.append(RankPlan(
+            name, override, world, s, weights, g // s, o // s, act, working,
+            peak_bytes(weights, g // s, o // s, act, working),
+            int(gather), int((s - 1) / s * g), int(2 * (replicas - 1) / replicas * g / s),
+            note=("no transformer blocks found: the model is gathered whole" if not blocks else
+                  f"{len(blocks)} blocks sharded one by one" + (", unsharded gradients kept across the "
+                                                               f"{accum} micro-batches" if accum > 1 else "")),
+        ))
+    for row in rows:
+        row.total_bytes += plan.data_index_bytes  # the sampler's index lists, as in the single-process peak
+        row.fits = None if plan.budget_bytes is None else row.total_bytes <= plan.budget_bytes
+    return rows
 
 
 def _device_memory(device: torch.device) -> int | None:
@@ -521,17 +653,17 @@ def levers(plan: Plan, cfg: RunConfig, model: torch.nn.Module, pr: Probe, budget
                 "needs CUDA and bitsandbytes",
             )
         )
-    # 5. FSDP: shard weights, gradients and optimizer states across N GPUs
+    # 5. FSDP: shard weights, gradients and optimizer states across N GPUs (`tunelab plan --nproc N` details it)
     for n in (2, 4, 8, 16, 32, 64):
         total = peak_bytes(w / n, g / n, o / n, plan.activations_bytes, plan.overhead_bytes)
         if total <= budget:
             out.append(
                 Lever(
                     f"FSDP across {n} GPUs",
-                    f"torchrun --nproc_per_node={n} (FULL_SHARD)",
+                    f"torchrun --nproc_per_node={n} -m tunelab.cli train CONFIG train.distributed.strategy=fsdp",
                     total,
                     True,
-                    "per-GPU peak",
+                    f"per-GPU peak before gathered blocks; tunelab plan CONFIG --nproc {n} gives the whole picture",
                 )
             )
             break
@@ -557,6 +689,15 @@ def format_plan(plan: Plan) -> str:
         f"  batch index lists {human_bytes(plan.data_index_bytes):>12}",
         f"  peak              {human_bytes(plan.total_bytes):>12}   "
         "(weights + optimizer + max(activations, gradients) + working space)",
+    ]
+    if plan.process_peak_bytes is not None:
+        where = "peak RSS" if plan.device == "cpu" else "host peak RSS (weights before the move; CUDA's own not counted)"
+        rows += [
+            f"  process baseline  {human_bytes(plan.baseline_bytes):>12}   (interpreter, libraries, tokenizer, data)",
+            f"  process total     {human_bytes(plan.process_peak_bytes):>12}   "
+            f"(the {where} summary.json's peak_rss_mb and top show)",
+        ]
+    rows += [
         "",
         f"compute: {plan.flops_per_step / 1e9:,.1f} GFLOP per optimizer step",
     ]
@@ -574,5 +715,27 @@ def format_plan(plan: Plan) -> str:
             mark = "fits" if lv.fits else "too big"
             note = f" ({lv.note})" if lv.note else ""
             rows.append(f"  - {lv.name}: {human_bytes(lv.total_bytes)} [{mark}]{note}\n      {lv.override}")
+    rows += _rank_rows(plan.ranks)
     rows += [f"note: {n}" for n in plan.notes]
+    if plan.seconds:
+        rows.append(f"the plan took {sum(plan.seconds.values()):.1f} s: "
+                    + "; ".join(f"{what} {s:.1f} s" for what, s in plan.seconds.items() if s >= 0.05))
     return "\n".join(rows)
+
+
+def _rank_rows(ranks: list[RankPlan]) -> list[str]:
+    """The per-rank table of `--nproc`: one column per strategy."""
+    if not ranks:
+        return []
+    rows = ["", f"per rank, {ranks[0].ranks} ranks (train.batch_size stays per rank):",
+            f"  {'':18}" + "".join(f"{r.strategy:>12}" for r in ranks)]
+    for label, attr in [("weights", "weights_bytes"), ("gradients", "gradients_bytes"),
+                        ("optimizer states", "optimizer_bytes"), ("activations", "activations_bytes"),
+                        ("working space", "working_bytes"), ("peak", "total_bytes"),
+                        ("all-gather /step", "all_gather_bytes"), ("reduce-scatter", "reduce_scatter_bytes"),
+                        ("all-reduce /step", "all_reduce_bytes")]:
+        rows.append(f"  {label:18}" + "".join(f"{human_bytes(getattr(r, attr)):>12}" for r in ranks))
+    for r in ranks:
+        fits = "" if r.fits is None else (" fits" if r.fits else " does NOT fit")
+        rows.append(f"  {r.strategy}:{fits} {r.override} ({r.note})")
+    return rows

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.callbacks import Callback
 from tunelab.config import validate_options
+from tunelab.engine.meter import format_breakdown
 from tunelab.errors import TunelabError
 from tunelab.registry import CALLBACKS
 
@@ -78,22 +79,43 @@ def _scalar(v: Any) -> bool:
 
 
 def read_metrics(path: Path) -> list[Record]:
-    """metrics.jsonl as a list of dicts; a torn last line (a run killed mid-write) is skipped."""
+    """metrics.jsonl as a list of dicts; a torn last line (a run killed mid-write) and any other line that
+    is not a JSON object (a damaged log) are skipped."""
     records = []
     if not path.is_file():
         return records
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
+
+
+def _read_optional(path: Path, parse: Any) -> Any:
+    """A run's side file parsed (JSON or YAML), or None when it is missing or damaged (with a warning): a
+    report shows what is readable instead of failing on one bad file."""
+    if not path.is_file():
+        return None
+    try:
+        return parse(path.read_text(errors="replace"))
+    except ValueError as e:  # json.JSONDecodeError and yaml.YAMLError's parse errors
+        print(f"warning: {path}: unreadable ({str(e).splitlines()[0][:120]}); left out of the report", file=sys.stderr)
+        return None
 
 
 def read_run(run_dir: str | Path, summary: dict[str, Any] | None = None) -> RunData:
     import yaml
+
+    def parse_yaml(text: str) -> Any:
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(str(e)) from e
 
     path = Path(run_dir)
     if not path.is_dir():
@@ -103,19 +125,15 @@ def read_run(run_dir: str | Path, summary: dict[str, Any] | None = None) -> RunD
         raise TunelabError(f"{path}: not a tunelab run folder (no metrics.jsonl); pass the run's output.dir")
     records = read_metrics(metrics)
     if summary is None:
-        sj = path / "summary.json"
-        if sj.is_file():
-            summary = json.loads(sj.read_text())
-        else:
+        summary = _read_optional(path / "summary.json", json.loads)
+        if not isinstance(summary, dict):
             end = [r for r in records if r.get("event") == "end"]
             summary = dict(end[-1]) if end else {"status": "unfinished"}
-    config_text, config = "", {}
-    if (path / "config.yaml").is_file():
-        config_text = (path / "config.yaml").read_text()
-        config = yaml.safe_load(config_text) or {}
-    lr_finder = None
-    if (path / "lr_finder.json").is_file():
-        lr_finder = json.loads((path / "lr_finder.json").read_text())
+    config_text = (path / "config.yaml").read_text(errors="replace") if (path / "config.yaml").is_file() else ""
+    config = _read_optional(path / "config.yaml", parse_yaml)
+    config = config if isinstance(config, dict) else {}
+    lr_finder = _read_optional(path / "lr_finder.json", json.loads)
+    lr_finder = lr_finder if isinstance(lr_finder, dict) else None
     name = str(config.get("name") or path.name)
     return RunData(name, path, records, dict(summary), config_text, config, lr_finder)
 
@@ -403,6 +421,21 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
+def _speed_rows(s: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Wall time, throughput, where the time went, memory."""
+    rows: list[tuple[str, Any]] = [("wall time (s)", s.get("wall_s")), ("train samples/s", s.get("train_samples_per_s"))]
+    if s.get("train_tokens_per_s"):
+        rows.append(("train tokens/s", s.get("train_tokens_per_s")))
+    if s.get("time_breakdown"):
+        rows.append(("where the time went", format_breakdown(s["time_breakdown"])))
+    if s.get("flops_frac_of_matmul_peak"):
+        rows.append(("model FLOP/s / measured matmul peak", s["flops_frac_of_matmul_peak"]))
+    rows.append(("peak RSS (MB)", s.get("peak_rss_mb")))
+    if s.get("peak_gpu_mb"):
+        rows.append(("peak GPU memory (MB)", s.get("peak_gpu_mb")))
+    return rows
+
+
 def summary_rows(run: RunData) -> list[tuple[str, Any]]:
     """The summary table: status, length, speed, memory, final train/validation loss and their gap."""
     s = run.summary
@@ -412,14 +445,8 @@ def summary_rows(run: RunData) -> list[tuple[str, Any]]:
         ("optimizer steps", s.get("global_step")),
         ("epochs", s.get("epoch")),
         ("device / precision", f"{start.get('device', '?')} / {start.get('precision', '?')}"),
-        ("wall time (s)", s.get("wall_s")),
-        ("train samples/s", s.get("train_samples_per_s")),
+        *_speed_rows(s),
     ]
-    if s.get("train_tokens_per_s"):
-        rows.append(("train tokens/s", s.get("train_tokens_per_s")))
-    rows.append(("peak RSS (MB)", s.get("peak_rss_mb")))
-    if s.get("peak_gpu_mb"):
-        rows.append(("peak GPU memory (MB)", s.get("peak_gpu_mb")))
     train_steps, train_loss = run.series("train", "loss")
     evals = [r for r in run.events("eval") if _scalar(r.get("loss")) and not r.get("restored_best")]
     restored = [r for r in run.events("restored_best") if r.get("step_restored") is not None]
@@ -442,6 +469,9 @@ def summary_rows(run: RunData) -> list[tuple[str, Any]]:
     for k, v in metrics.items():
         if _scalar(v) and k != "loss":  # the final loss is the validation loss above
             rows.append((f"final {k}", v))
+    for k, v in (s.get("test_metrics") or {}).items():
+        if _scalar(v):
+            rows.append((f"test {k}", v))
     if s.get("best"):
         rows.append(("best checkpoint", s["best"]))
     if s.get("early_stopping"):

@@ -16,7 +16,7 @@ from typing import Any
 import torch.nn as nn
 
 from tunelab.config import check_kwargs
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.io import MANIFEST, verify_folder
 from tunelab.registry import MODELS
 
@@ -33,13 +33,16 @@ class ModelEntry:
     adapters: bool = False
     # What the source tells data sources (`block_size`, `image_preset`): fn(name, kwargs) -> dict
     hints: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None
+    # For FSDP: build the architecture on the meta device, fn(**kwargs) -> (model, weights path or None);
+    # the weights are loaded shard by shard once the model is sharded. None: not supported by the source.
+    meta: Callable[..., tuple[nn.Module, str | None]] | None = None
 
 
-def register_model(name: str, save=None, load=None, adapters: bool = False, hints=None):
+def register_model(name: str, save=None, load=None, adapters: bool = False, hints=None, meta=None):
     """Decorator: register a builder `fn(**kwargs) -> nn.Module` under `name` (see ModelEntry)."""
 
     def deco(fn):
-        MODELS.register(name, ModelEntry(fn, save, load, adapters, hints))
+        MODELS.register(name, ModelEntry(fn, save, load, adapters, hints, meta))
         return fn
 
     return deco
@@ -90,7 +93,14 @@ def check_trusted(spec: dict[str, Any], trust_code: bool, where: str | Path) -> 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     entry, implied = resolve_builder(name)
     check_kwargs(entry.build, {**implied, **kwargs}, "model")
-    model = entry.build(**implied, **kwargs)
+    try:
+        model = entry.build(**implied, **kwargs)
+    except (ValueError, RuntimeError) as e:  # a setting the layers refuse (dropout 1.5), or too big to allocate
+        if isinstance(e, TunelabError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        fix = "make the model smaller" if "alloc" in first else "check them"
+        raise ConfigError(f"model `{name}` cannot be built with these model.* settings ({first}); {fix}") from e
     if not isinstance(model, nn.Module):
         raise TunelabError(f"model `{name}` built a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -101,23 +111,26 @@ def keeps_adapters(spec: dict[str, Any]) -> bool:
     return resolve_builder(spec["name"])[0].adapters
 
 
-def save_model_folder(model: nn.Module, folder: Path, spec: dict[str, Any]) -> None:
+def save_model_folder(model: nn.Module, folder: Path, spec: dict[str, Any],
+                      state_dict: dict[str, Any] | None = None) -> None:
     """Write `folder` so that `load_model_folder` rebuilds the model: the source's own format when it has
-    one (a Hugging Face folder), else model.safetensors plus tunelab_model.json naming the builder."""
+    one (a Hugging Face folder), else model.safetensors plus tunelab_model.json naming the builder.
+    `state_dict`: the whole weights when `model` holds only shards (FSDP gathers them for rank 0)."""
     from tunelab.weights import save_state_dict, unwrap_model
 
     folder.mkdir(parents=True, exist_ok=True)
     entry, _ = resolve_builder(spec["name"])
     if entry.save is not None:
-        entry.save(model, folder, spec)
+        entry.save(model, folder, spec, state_dict=state_dict)
     else:
-        save_state_dict(unwrap_model(model).state_dict(), folder / "model.safetensors")
+        save_state_dict(state_dict if state_dict is not None else unwrap_model(model).state_dict(),
+                        folder / "model.safetensors")
     (folder / MODEL_JSON).write_text(json.dumps(spec, indent=2))
 
 
 def load_model_folder(folder: Path, trust_code: bool = False) -> nn.Module:
     """Rebuild the model a tunelab final/ or best/ folder holds (see `check_trusted` for `trust_code`)."""
-    from tunelab.weights import load_state_dict_file, unwrap_model
+    from tunelab.weights import load_exact_state_dict, load_state_dict_file, unwrap_model
 
     meta = folder / MODEL_JSON
     if not meta.is_file():
@@ -137,5 +150,16 @@ def load_model_folder(folder: Path, trust_code: bool = False) -> nn.Module:
         return entry.load(folder, spec)
     model = entry.build(**implied, **spec.get("kwargs", {}))
     state = load_state_dict_file(folder / "model.safetensors", verified=verified)
-    unwrap_model(model).load_state_dict(state, strict=True)
+    load_exact_state_dict(unwrap_model(model), state, folder / "model.safetensors",
+                          f"it was changed after tunelab wrote it, or {MODEL_JSON} describes another model")
     return model
+
+
+def create_model_on_meta(name: str, **kwargs: Any) -> tuple[nn.Module, str | None] | None:
+    """The model on the meta device and where its weights are (for FSDP), or None when the source cannot
+    build one (it is then built normally on every rank and sharded)."""
+    entry, implied = resolve_builder(name)
+    if entry.meta is None:
+        return None
+    check_kwargs(entry.build, {**implied, **kwargs}, "model")
+    return entry.meta(**implied, **kwargs)

@@ -5,12 +5,21 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from tunelab.errors import ConfigError
 from tunelab.models import register_model
+
+
+def _check_sizes(**sizes: int) -> None:
+    """Refuse a layer size below 1 in one line (PyTorch builds such a layer and fails only in forward)."""
+    for key, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"`model.{key}` = {value!r} must be a whole number of at least 1")
 
 
 @register_model("linear")
 def linear(in_features: int = 784, num_classes: int = 10) -> nn.Module:
     """The classic `Linear(784, 10)` on flattened images."""
+    _check_sizes(in_features=in_features, num_classes=num_classes)
     return nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))
 
 
@@ -31,6 +40,7 @@ class MLP(nn.Module):
 
 @register_model("mlp")
 def mlp(in_features: int = 784, hidden: list[int] = (256, 128), num_classes: int = 10, dropout: float = 0.0):
+    _check_sizes(in_features=in_features, num_classes=num_classes, **{f"hidden[{i}]": h for i, h in enumerate(hidden)})
     return MLP(in_features, list(hidden), num_classes, dropout)
 
 
@@ -60,4 +70,5 @@ class SmallCNN(nn.Module):
 
 @register_model("cnn")
 def cnn(in_channels: int = 1, num_classes: int = 10, width: int = 32, dropout: float = 0.0) -> nn.Module:
+    _check_sizes(in_channels=in_channels, num_classes=num_classes, width=width)
     return SmallCNN(in_channels, num_classes, width, dropout)

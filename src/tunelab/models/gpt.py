@@ -245,6 +245,13 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
+    def tunelab_init_buffers(self) -> None:
+        """Recompute the rotary tables (non-persistent buffers) after the model was built on meta."""
+        if self.config.flavour == "llama":
+            cos, sin = rope_cache(self.config)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
     def reset_parameters(self) -> None:
         """GPT-2's init: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 * n_layer)
         so the residual stream's variance does not grow with depth."""
@@ -370,7 +377,13 @@ def gpt_hints(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"block_size": kwargs.get("block_size") or SIZES.get(kwargs.get("size") or "baby", {}).get("block_size")}
 
 
-@register_model("gpt", hints=gpt_hints)
+def gpt_on_meta(**kwargs: Any) -> tuple[GPT, None]:
+    """The GPT on the meta device (FSDP shards it before it has storage); no weights of its own."""
+    with torch.device("meta"):
+        return gpt(**kwargs), None
+
+
+@register_model("gpt", hints=gpt_hints, meta=gpt_on_meta)
 def gpt(
     size: str | None = "baby",
     flavour: Flavour | None = None,

@@ -150,7 +150,7 @@ def gpt_config_from_hf(config: dict[str, Any]) -> GPTConfig:
     )
 
 
-def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     from tunelab.weights import load_state_dict_file
 
     index = folder / "model.safetensors.index.json"
@@ -171,7 +171,7 @@ def import_hf_llama(folder: str | Path, block_size: int | None = None) -> GPT:
     cfg = gpt_config_from_hf(json.loads((folder / "config.json").read_text()))
     if block_size:
         cfg = GPTConfig(**{**cfg.__dict__, "block_size": block_size})
-    theirs = _read_hf_weights(folder)
+    theirs = read_hf_weights(folder)
     with torch.device("meta"):
         model = GPT(cfg)
     ours: dict[str, torch.Tensor] = {"tok_emb.weight": theirs.pop("model.embed_tokens.weight"),

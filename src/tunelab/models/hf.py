@@ -9,9 +9,12 @@ is a plain Hugging Face folder (config.json with id2label, model.safetensors, to
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
+import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,10 +144,10 @@ def _mark(model: nn.Module, tokenizer_source: str, cls_only: bool = True) -> nn.
     return model
 
 
-def save_hf(model: nn.Module, folder: Path, spec: dict[str, Any]) -> None:
+def save_hf(model: nn.Module, folder: Path, spec: dict[str, Any], state_dict: dict | None = None) -> None:
     """Write a Hugging Face folder: config.json (with id2label), model.safetensors, tokenizer files."""
     raw = unwrap_model(model)
-    raw.save_pretrained(folder)
+    raw.save_pretrained(folder, **({"state_dict": state_dict} if state_dict else {}))
     source = getattr(raw, "tunelab_tokenizer_source", None) or resolve_model_path(spec["kwargs"]["path"], gguf=False)
     if Path(source).resolve() != Path(folder).resolve():
         load_hf_tokenizer(source).save_pretrained(folder)
@@ -161,6 +164,39 @@ def load_hf(folder: Path, spec: dict[str, Any]) -> nn.Module:
         trust_remote_code=kwargs.get("trust_remote_code", False),
     )
     return _mark(model, str(folder), kwargs.get("cls_only_last_layer", True))
+
+
+@contextlib.contextmanager
+def _without_load_report() -> Iterator[None]:
+    """Transformers' LOAD REPORT (a warning on its modeling_utils logger listing the new head as MISSING) is
+    replaced by `_say_what_is_new`; its errors, progress bars and hub downloads are untouched."""
+    from transformers.utils import logging as hf_logging
+
+    # raising modeling_utils' level also makes it check the tensor-parallel plan, which warns on its own logger
+    loggers = [hf_logging.get_logger(f"transformers.{name}") for name in ("modeling_utils", "distributed.tensor_parallel")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(hf_logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _say_what_is_new(path: str, model: nn.Module, loading: dict[str, Any]) -> None:
+    """One line on stderr: how many tensors came from the checkpoint, which are new (the head, initialised
+    here and trained by the run) and which checkpoint tensors this architecture does not use."""
+    new, unused = sorted(loading.get("missing_keys", ())), sorted(loading.get("unexpected_keys", ()))
+    if not new and not unused:
+        return
+    loaded = len(model.state_dict()) - len(new)
+    parts = [f"model.path {path}: {loaded} tensors loaded"]
+    if new:
+        parts.append(f"new, initialised here: {', '.join(new)}")
+    if unused:
+        parts.append(f"unused from the checkpoint: {', '.join(unused[:8])}" + (" ..." if len(unused) > 8 else ""))
+    print("; ".join(parts), file=sys.stderr)
 
 
 @register_model("hf", save=save_hf, load=load_hf)
@@ -195,9 +231,11 @@ def hf(
     try:
         config = AutoConfig.from_pretrained(source, **common, **extra)
         if pretrained:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                source, config=config, attn_implementation=attn_implementation, **common
-            )
+            with _without_load_report():
+                model, loading = AutoModelForSequenceClassification.from_pretrained(
+                    source, config=config, attn_implementation=attn_implementation, output_loading_info=True, **common
+                )
+            _say_what_is_new(path, model, loading)
         else:
             model = AutoModelForSequenceClassification.from_config(
                 config, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code

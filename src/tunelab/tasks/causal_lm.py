@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -46,7 +46,10 @@ class _LMMetrics(MetricSet):
 
 def _select_rows(module: nn.Module, args: tuple) -> tuple | None:
     rows = module.__dict__.get(_ROWS)
-    return None if rows is None else (args[0][rows], *args[1:])
+    if rows is None:
+        return None
+    hidden = args[0][rows] if rows.dtype == torch.bool else args[0].flatten(0, -2)[rows]
+    return (hidden, *args[1:])
 
 
 def output_head(model: nn.Module) -> nn.Module | None:
@@ -63,7 +66,8 @@ def output_head(model: nn.Module) -> nn.Module | None:
 
 @contextlib.contextmanager
 def target_rows(head: nn.Module, rows: torch.Tensor) -> Iterator[None]:
-    """While active, `head` sees only the hidden states at `rows` (a bool mask over batch x length)."""
+    """While active, `head` sees only the hidden states at `rows`: a bool mask over batch x length, or indices
+    into the flattened batch x length positions (a position may repeat)."""
     if not getattr(head, "_tunelab_hooked", False):
         head.register_forward_pre_hook(_select_rows)
         head._tunelab_hooked = True
@@ -75,14 +79,15 @@ def target_rows(head: nn.Module, rows: torch.Tensor) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def fused_head(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor, label_smoothing: float):
-    """While active, `head(hidden)` returns the summed cross-entropy of the target rows (a 0-d fp32
-    tensor, also left in the yielded dict under "loss") instead of logits."""
+def replaced_head(head: nn.Module, rows: torch.Tensor, compute: Callable[..., torch.Tensor]):
+    """While active, `head(hidden)` returns `compute(hidden_rows, head.weight, head.bias)` for the hidden
+    states at `rows` instead of logits; the result is also left in the yielded dict under "out", so the
+    caller can check that the model returned it unchanged."""
     box: dict[str, torch.Tensor] = {}
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
-        box["loss"] = linear_cross_entropy(hidden, head.weight, head.bias, targets, label_smoothing)
-        return box["loss"]
+        box["out"] = compute(hidden, head.weight, head.bias)
+        return box["out"]
 
     with target_rows(head, rows):
         head.forward = forward  # an instance attribute shadows the class's forward
@@ -90,6 +95,12 @@ def fused_head(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor, label
             yield box
         finally:
             del head.forward
+
+
+def fused_head(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor, label_smoothing: float):
+    """While active, `head(hidden)` returns the summed cross-entropy of the target rows (a 0-d fp32
+    tensor) instead of logits."""
+    return replaced_head(head, rows, lambda h, w, b: linear_cross_entropy(h, w, b, targets, label_smoothing))
 
 
 @register_task("causal_lm")
@@ -113,7 +124,7 @@ class CausalLMTask(Task):
         if self.fused_loss and type(head) is nn.Linear:  # not a LoRA-wrapped or quantised head
             with fused_head(head, rows, labels[rows], self.loss_cfg.label_smoothing) as box:
                 out = super().forward(model, batch)
-            if out is box.get("loss"):
+            if out is box.get("out"):
                 return out
             self.fused_loss = False  # the model changed the head's output: use target-only logits
         with target_rows(head, rows):

@@ -1,4 +1,5 @@
 """`tunelab export RUN_DIR [--merge] [--output DIR] [--dtype fp32|bf16|fp16]`: a run's model for other tools.
+(`--format gguf`: one GGUF file for llama.cpp and Ollama, see tunelab.export.gguf.)
 
 - A LoRA run without `--merge`: the adapter alone in PEFT format (`adapter_model.safetensors`,
   `adapter_config.json`) plus the tokenizer; load it with `PeftModel.from_pretrained(base, DIR)`.
@@ -16,10 +17,12 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.io import follow_umask
 
 EXPORT_DTYPES = ("fp32", "bf16", "fp16")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -34,18 +37,45 @@ TOKENIZER_FILES = (
 )
 
 
-@contextlib.contextmanager
-def _written(output: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary sibling folder to write the export into, renamed to `output` when the block succeeds
-    and removed when it fails; an existing `output` is refused unless `overwrite`."""
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+def check_destination(output: Path, run_dir: Path, overwrite: bool, is_export: Callable[[Path], bool]) -> Path:
+    """Where an export may go: never onto a run's own files (its final/, checkpoints, log), a run folder,
+    a folder holding the run or the current folder, and with --overwrite only onto an earlier export
+    (`is_export`). A symlinked destination is written at its target (the link stays). Returns that path."""
+    from tunelab.engine.rundir import check_not_managed, is_run_folder
+
+    target = output.resolve() if output.is_symlink() else output
+    for path in {output, target}:
+        check_not_managed(path)
+    resolved = target.resolve()
+    for held in (run_dir.resolve(), Path.cwd().resolve()):
+        if resolved == held or resolved in held.parents:
+            raise ConfigError(f"--output {output}: holds {held}; choose a new folder or file for the export")
+    if resolved.is_dir() and is_run_folder(resolved):
+        raise ConfigError(f"--output {output}: is a tunelab run folder; choose a new folder for the export")
+    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
         if not overwrite:
             raise ConfigError(f"{output}: already exists; pass --overwrite or choose another --output")
+        if not is_export(target):
+            raise ConfigError(f"--output {output}: is not an earlier export, so --overwrite does not replace "
+                              "it; choose a new folder or file for the export")
+    return target
+
+
+def _is_hf_export(path: Path) -> bool:
+    return path.is_dir() and any((path / f).is_file() for f in ("config.json", ADAPTER_FILES[1]))
+
+
+@contextlib.contextmanager
+def _written(output: Path, run_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling folder to write the export into, renamed to `output` when the block succeeds
+    and removed when it fails; an existing `output` is refused unless `overwrite` and an earlier export."""
+    output = check_destination(output, run_dir, overwrite, _is_hf_export)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        follow_umask(tmp)
         if output.exists():
             shutil.rmtree(output) if output.is_dir() else output.unlink()
         os.replace(tmp, output)
@@ -63,6 +93,23 @@ def _cast_adapter(path: Path, dtype: str) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
+def run_model_folder(run_dir: Path, which: str, trust_code: bool = False) -> tuple[Path, dict[str, Any]]:
+    """A run's `final/` (or `best/`) folder, checked against its manifest where it has one, and its
+    tunelab_model.json spec (which may name code to import only with `trust_code`)."""
+    from tunelab.io import MANIFEST, verify_folder
+    from tunelab.models import MODEL_JSON, check_trusted
+    from tunelab.models.llm import find_model_folder
+
+    folder = find_model_folder(run_dir, which) if run_dir.is_dir() else None
+    if folder is None:
+        raise TunelabError(f"{run_dir}: no {which}/ model folder (with {MODEL_JSON}); is this a finished run?")
+    if (folder / MANIFEST).is_file():
+        verify_folder(folder)  # a tampered final/ is refused, never exported
+    spec = json.loads((folder / MODEL_JSON).read_text())
+    check_trusted(spec, trust_code, folder / MODEL_JSON)
+    return folder, spec
+
+
 def export_run(
     run_dir: str | Path,
     output: str | Path | None = None,
@@ -70,25 +117,18 @@ def export_run(
     dtype: str | None = None,
     which: str = "final",
     overwrite: bool = False,
+    trust_code: bool = False,
 ) -> Path:
     """Export a run's `final/` (or `best/`) model; returns the folder written."""
-    from tunelab.models import MODEL_JSON
-    from tunelab.models.llm import ADAPTER_CONFIG, DTYPES, find_model_folder, load_causal_lm
+    from tunelab.models.llm import ADAPTER_CONFIG, DTYPES, load_causal_lm
     from tunelab.tokenizers import load_hf_tokenizer
 
     run_dir = Path(run_dir)
     if dtype is not None and dtype not in EXPORT_DTYPES:
-        raise ConfigError(f"--dtype {dtype!r} is invalid; use one of {', '.join(EXPORT_DTYPES)}")
-    folder = find_model_folder(run_dir, which) if run_dir.is_dir() else None
-    if folder is None:
-        raise TunelabError(
-            f"{run_dir}: no {which}/ model folder (with {MODEL_JSON}); is this a finished run?"
+        raise ConfigError(
+            f"--dtype {dtype!r} is invalid; use one of {', '.join(EXPORT_DTYPES)} (q8_0: with --format gguf)"
         )
-    from tunelab.io import MANIFEST, verify_folder
-
-    if (folder / MANIFEST).is_file():
-        verify_folder(folder)  # a tampered final/ is refused, never exported
-    spec = json.loads((folder / MODEL_JSON).read_text())
+    folder, spec = run_model_folder(run_dir, which, trust_code)
     if spec.get("name") == "gpt":
         return _export_gpt(run_dir, folder, output, merge, dtype, overwrite)
     if spec.get("name") != "hf_causal_lm":
@@ -99,7 +139,7 @@ def export_run(
     is_adapter = (folder / ADAPTER_CONFIG).is_file()
     kind = "merged" if merge and is_adapter else ("adapter" if is_adapter else "model")
     out = Path(output) if output else run_dir / "export" / kind
-    with _written(out, overwrite) as tmp:
+    with _written(out, run_dir, overwrite) as tmp:
         if is_adapter and not merge:
             for name in ADAPTER_FILES + TOKENIZER_FILES:
                 if (folder / name).is_file():
@@ -137,7 +177,7 @@ def _export_gpt(run_dir: Path, folder: Path, output: str | Path | None, merge: b
     model = load_model_folder(folder)
     hf_llama_config(model.config)  # a clear error for the gpt2 flavour before anything is written
     out = Path(output) if output else run_dir / "export" / "model"
-    with _written(out, overwrite) as tmp:
+    with _written(out, run_dir, overwrite) as tmp:
         tokenizer = load_run_tokenizer(run_dir) if (run_dir / "tokenizer").is_dir() else None
         export_hf_llama(model.to(DTYPES[dtype or "fp32"]), tmp, tokenizer)
     return out

@@ -1,0 +1,37 @@
+"""bench/repeats.py: the sides' medians over round-robin repeats and each ratio as the median of the
+per-repeat ratios (not the ratio of the medians), every run kept."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))  # as `python bench/sft.py` has it
+
+from repeats import summarize  # noqa: E402
+
+FIGURES = {"speedup": lambda r: r["ours"]["tok_s"] / r["peer"]["tok_s"],
+           "loss_delta": lambda r: r["ours"]["loss"] - r["peer"]["loss"],
+           "vs_tuned": lambda r: r["ours"]["tok_s"] / r["tuned"]["tok_s"]}
+
+
+def test_medians_per_side_and_per_repeat_ratios():
+    # machine load changes between repeats: repeat 1 is slow for both sides
+    repeats = [{"peer": {"tok_s": 100.0, "loss": 2.0, "malloc": "glibc"}, "ours": {"tok_s": 120.0, "loss": 1.9}},
+               {"peer": {"tok_s": 50.0, "loss": 2.2, "malloc": "glibc"}, "ours": {"tok_s": 65.0, "loss": 2.0}},
+               {"peer": {"tok_s": 110.0, "loss": 2.1, "malloc": "glibc"}, "ours": {"tok_s": 121.0, "loss": 1.8}}]
+    final = summarize(repeats, FIGURES)
+    assert final["peer"] == {"tok_s": 100.0, "loss": 2.1, "malloc": "glibc"}
+    assert final["ours"]["tok_s"] == 120.0 and final["ours"]["loss"] == 1.9
+    # per-repeat ratios 1.2, 1.3, 1.1 -> 1.2 (the ratio of the medians would also be 1.2 here; the deltas differ)
+    assert [r["speedup"] for r in final["repeats"]] == [1.2, 1.3, 1.1] and final["speedup"] == 1.2
+    assert [r["loss_delta"] for r in final["repeats"]] == [-0.1, -0.2, -0.3] and final["loss_delta"] == -0.2
+    assert "vs_tuned" not in final  # the tuned side did not run
+
+
+def test_ratio_is_the_median_of_paired_ratios_not_of_medians():
+    repeats = [{"peer": {"tok_s": 100.0}, "ours": {"tok_s": 150.0}},
+               {"peer": {"tok_s": 60.0}, "ours": {"tok_s": 66.0}},
+               {"peer": {"tok_s": 200.0}, "ours": {"tok_s": 210.0}}]
+    final = summarize(repeats, FIGURES)
+    assert final["speedup"] == 1.1  # paired ratios 1.5, 1.1, 1.05 -> 1.1; medians 150/100 would say 1.5
