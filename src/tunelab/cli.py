@@ -52,8 +52,18 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def _stacks_on_sigusr1() -> None:
+    """`kill -USR1 PID` prints every thread's Python stack to stderr (a hung rank or run says where it is)."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # started as a program (not called from Python): the allocator can still be chosen
+        _stacks_on_sigusr1()
         command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
         if command in _MIMALLOC_COMMANDS:
             from tunelab.allocator import reexec_with_mimalloc

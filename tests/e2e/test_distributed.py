@@ -103,18 +103,65 @@ def test_checkpoints_reshard_between_two_ranks_and_one(sgd_single, tmp_path):
     assert_one_line_error(proc, "not a whole number of global batches of 7")
 
 
-def _kill_one_rank_after_step_10(out: Path, launch: list[str], settings: list[str]) -> subprocess.Popen:
-    """Start a 2-rank FSDP job (torchrun options `launch`), SIGKILL one rank once checkpoint 10 exists."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *launch, "-m", "tunelab.cli",
-           "train", *_gpt(out, "train.batch_size=6", *settings, "train.distributed.strategy=fsdp")]
-    job = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "step-10").is_dir():
-        assert job.poll() is None and time.time() < deadline
-        time.sleep(0.1)
-    pids = subprocess.run(["pgrep", "-f", f"output.dir={out}"], capture_output=True, text=True).stdout.split()
-    os.kill(next(int(p) for p in pids if _rank_of(int(p)) == 1), signal.SIGKILL)  # rank 1 dies mid-run
-    return job
+class KilledJob:
+    """A 2-rank FSDP job (torchrun options `launch`) whose rank 1 is SIGKILLed once checkpoint 10 exists.
+
+    The launcher runs in its own session with stderr in a file (no pipe to fill or to wait on for EOF), and
+    it and its whole process tree are killed at the end. If it outlives `wait`'s timeout, every rank is asked for its Python
+    stacks (SIGUSR1, see cli._stacks_on_sigusr1) and those and the process tree go into the failure."""
+
+    def __init__(self, out: Path, launch: list[str], settings: list[str], tmp: Path):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *launch, "-m", "tunelab.cli",
+               "train", *_gpt(out, "train.batch_size=6", *settings, "train.distributed.strategy=fsdp")]
+        self.out, self.log = out, tmp / "torchrun.err"
+        with self.log.open("w") as err:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=err,
+                                         start_new_session=True)
+        deadline = time.time() + 300
+        while not (out / "checkpoints" / "step-10").is_dir():
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.close()
+                raise AssertionError(f"no checkpoint 10 (launcher {self.proc.returncode}):\n{self.stderr()[-3000:]}")
+            time.sleep(0.1)
+        os.kill(next(p for p in self.ranks() if _rank_of(p) == 1), signal.SIGKILL)  # rank 1 dies mid-run
+
+    def tree(self) -> list[int]:
+        """The launcher's descendants (torchrun starts each rank in a session of its own)."""
+        found, todo = [], [self.proc.pid]
+        while todo:
+            out = subprocess.run(["pgrep", "-P", str(todo.pop())], capture_output=True, text=True).stdout
+            todo += [int(p) for p in out.split()]
+            found += [int(p) for p in out.split()]
+        return found
+
+    def ranks(self) -> list[int]:
+        return [p for p in self.tree() if _rank_of(p) is not None]
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait(self, timeout: int) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            for pid in self.ranks():
+                os.kill(pid, signal.SIGUSR1)
+            time.sleep(3)
+            pids = ",".join(map(str, [self.proc.pid, *self.tree()]))
+            tree = subprocess.run(["ps", "-o", "pid,ppid,stat,pcpu,etime,args", "-p", pids],
+                                  capture_output=True, text=True).stdout
+            self.close()
+            raise AssertionError(f"torchrun still running after {timeout} s\n{tree}\n{self.stderr()[-12000:]}") from e
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for pid in [*self.tree(), self.proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.proc.wait()
 
 
 def _rank_of(pid: int) -> int | None:
@@ -131,7 +178,7 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_on_two_and_on_one(tmp_pa
            "train.log_every=1"]  # a constant lr: the resumes shorten the run to 40 steps
     out = tmp_path / "run"
     _PORT[0] += 1
-    job = _kill_one_rank_after_step_10(out, [f"--master_port={_PORT[0]}"], sgd)
+    job = KilledJob(out, [f"--master_port={_PORT[0]}"], sgd, tmp_path)
     assert job.wait(timeout=300) != 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] in ("failed", "interrupted") and summary["error"]
@@ -148,22 +195,22 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_on_two_and_on_one(tmp_pa
     assert max_diff(whole, out) <= 1e-5 and max_diff(whole, tmp_path / "on-one") <= 1e-5
 
 
-def test_torchrun_max_restarts_resumes_without_resume_flag(tmp_path):
+@pytest.mark.parametrize("rendezvous", ["c10d", "static"])
+def test_torchrun_max_restarts_resumes_without_resume_flag(tmp_path, rendezvous):
     """A rank killed under `torchrun --max-restarts`: the restarted command (the same one, no --resume)
-    continues from the newest checkpoint and ends where an uninterrupted run ends. Two restarts are allowed:
-    on a loaded machine a restarted gloo group can fail to connect once (then, with a short
-    train.distributed.timeout_s, the next restart resumes instead of the connect hanging)."""
+    continues from the newest checkpoint and ends where an uninterrupted run ends. torchrun keeps one store
+    for all attempts; tunelab prefixes it per attempt (engine.distributed._attempt_store), without which a
+    restarted gloo group could wait forever on the dead attempt's keys."""
     sgd = ["optim.name=sgd", "optim.lr=0.05", "schedule.name=constant", "train.checkpoint_every=5",
            "train.max_steps=40", "train.log_every=1", "train.distributed.timeout_s=120"]
     out = tmp_path / "run"
     _PORT[0] += 1
-    job = _kill_one_rank_after_step_10(
-        out, ["--max-restarts=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{_PORT[0]}"], sgd)
-    try:
-        _, err = job.communicate(timeout=600)
-    finally:
-        job.kill()
-    assert job.returncode == 0, err[-3000:]
+    launch = (["--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{_PORT[0]}"] if rendezvous == "c10d"
+              else [f"--master_port={_PORT[0]}"])
+    job = KilledJob(out, ["--max-restarts=2", *launch], sgd, tmp_path)
+    code = job.wait(timeout=300)
+    err = job.stderr()
+    assert code == 0, err[-3000:]
     assert "auto-resume: continuing from the newest checkpoint" in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["global_step"] == 40

@@ -128,10 +128,14 @@ def _train_in_background(out: Path, until: str) -> subprocess.Popen:
 def test_a_second_start_on_a_training_folder_is_refused(tmp_path):
     out = tmp_path / "run"
     first = _train_in_background(out, "checkpoints/step-10")
-    second = _train(out, "train.max_steps=5", check=False)
-    assert_one_line_error(second, "another tunelab process is using this run folder")
-    third = _train(out, "train.max_steps=5", "--overwrite", check=False)
-    assert_one_line_error(third, "another tunelab process is using this run folder")
+    os.kill(first.pid, signal.SIGSTOP)  # paused, so it cannot finish (and free the folder) before the others try
+    try:
+        second = _train(out, "train.max_steps=5", check=False)
+        assert_one_line_error(second, "another tunelab process is using this run folder")
+        third = _train(out, "train.max_steps=5", "--overwrite", check=False)
+        assert_one_line_error(third, "another tunelab process is using this run folder")
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert first.wait(timeout=600) == 0, first.stderr.read()
     events = _events(out)  # one run's log, every line whole
     assert [e["event"] for e in events].count("start") == 1 and events[-1]["event"] == "end"

@@ -41,12 +41,33 @@ def init_distributed(one_rank: bool = False, timeout_s: float = 1800) -> DistInf
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local)
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _attempt_store(timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
         # Tear the group down before interpreter exit: left to C++ static destruction, the backend's
         # threads can still be joinable and the process aborts ("terminate called without an active
         # exception"), failing the job after training finished.
         atexit.register(_destroy)
     return DistInfo(rank, local, world)
+
+
+def _attempt_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """The store this attempt's process group meets on, with keys of its own.
+
+    torchrun's agent keeps one TCP store for all attempts of a job (`TORCHELASTIC_USE_AGENT_STORE=True`), and
+    the ranks' env:// rendezvous adds no per-attempt prefix. The ranks of a restarted attempt (`--max-restarts`)
+    could then read the keys the previous attempt's process group left there, among them the dead rank's
+    address, and wait in gloo's connectFullMesh forever (seen on this machine under load; the group's
+    timeout does not bound that wait). Prefixing the store with the restart count gives every attempt its
+    own keys. Without the agent's store (a plain env:// launch) this returns None and init is unchanged."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"tunelab/attempt-{attempt}", store)
 
 
 def _destroy() -> None:

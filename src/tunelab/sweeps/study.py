@@ -548,12 +548,15 @@ class Sweep:
         from tunelab import tracking
         from tunelab.insight.sweep_report import param_importances, write_sweep_report
 
-        results = self.results()
-        results["importances"] = param_importances(self.study, self.plan.options.importance)
-        results["importance_evaluator"] = self.plan.options.importance
+        # Read the study and write sweep.json and the report under the claims lock: a process that ends a
+        # trial takes it only after its `tell`, so whichever process writes last has seen every ended trial
+        # (read outside the lock, a slower process could overwrite a newer sweep.json with a stale one).
         with self.locks.claims():
+            results = self.results()
+            results["importances"] = param_importances(self.study, self.plan.options.importance)
+            results["importance_evaluator"] = self.plan.options.importance
             self._write_results(results)
-        report = write_sweep_report(self.folder, results, self.plan.mode or "max", dpi=dpi)
+            report = write_sweep_report(self.folder, results, self.plan.mode or "max", dpi=dpi)
         run_id = self.study.user_attrs.get("mlflow_run_id")
         if run_id:
             done = results["counts"]["running"] == 0 and len(results["trials"]) >= (results["n_trials"] or 0)
