@@ -21,6 +21,7 @@ from pathlib import Path
 from tunelab.errors import CheckpointError, TunelabError
 
 MANIFEST = "manifest.json"
+RUN_MARKER = ".tunelab"  # the file that says tunelab made a run folder (engine/rundir.py)
 # Every temporary name starts with this, so a killed write's leftovers can be found and removed.
 TMP_PREFIX = ".tmp-"
 
@@ -171,6 +172,26 @@ def _manifest_files(folder: Path) -> dict[str, str]:
         raise CheckpointError(f"{manifest}: unreadable manifest") from e
 
 
+def manifest_expected(folder: Path) -> bool:
+    """Whether tunelab wrote `folder` with a manifest: a run's final/ or best/ (the run folder above it
+    carries tunelab's marker; every such folder is written with a manifest)."""
+    return folder.name in ("final", "best") and (folder.parent / RUN_MARKER).is_file()
+
+
+def verify_if_manifested(folder: Path) -> bool:
+    """Check `folder` against its manifest when it has one (hand-made folders have none) and refuse a run's
+    final/ or best/ whose manifest was removed. Returns whether the folder was verified."""
+    if (folder / MANIFEST).is_file():
+        verify_folder(folder)
+        return True
+    if manifest_expected(folder):
+        raise CheckpointError(
+            f"{folder}: {MANIFEST} is missing, but tunelab writes one into every run's final/ and best/: the "
+            "folder was changed after tunelab wrote it; use an intact copy (or copy the files to a folder "
+            "outside the run to load them unverified)")
+    return False
+
+
 def verify_folder(folder: Path) -> None:
     """Raise CheckpointError when the manifest is missing or any file is missing or altered."""
     if not (folder / MANIFEST).is_file():
@@ -188,7 +209,7 @@ def verify_beside_manifest(path: Path) -> bool:
     against it: a tampered or unlisted file is refused. Returns whether a manifest was there."""
     folder = path.parent
     if not (folder / MANIFEST).is_file():
-        return False
+        return verify_if_manifested(folder)  # refuses a run's final/ or best/ that lost its manifest
     files = _manifest_files(folder)
     name = path.name
     if name not in files:

@@ -374,6 +374,19 @@ def check_config_trusted(cfg: RunConfig, trust_code: bool, where: str | Path) ->
                                "come from anyone, so this needs --trust-code (pass it only for folders you trust)")
 
 
+# Sections that decide what the saved model is or how it was trained: a loaded run's model comes from its
+# folder, so overriding them would change nothing (silently).
+_FIXED_SECTIONS = ("model", "init", "pretrained", "strategy", "optim", "schedule")
+
+
+def _refuse_ignored_overrides(overrides: list[str] | None, folder: Path) -> None:
+    fixed = [o for o in overrides or [] if o.split("=", 1)[0].split(".", 1)[0] in _FIXED_SECTIONS]
+    if fixed:
+        raise ConfigError(
+            f"{' '.join(fixed)}: {folder} holds the model as trained, so {', '.join(_FIXED_SECTIONS)} overrides "
+            "would be ignored; override data, task, loss or eval keys here, or train a new run with these settings")
+
+
 def load_run(run_dir: str | Path, which: str = "final", overrides: list[str] | None = None,
              with_data: bool = True, trust_code: bool = False) -> LoadedRun:
     """The trained model of a run folder, with its task (and data). Code named by the folder's files runs
@@ -384,6 +397,7 @@ def load_run(run_dir: str | Path, which: str = "final", overrides: list[str] | N
         raise TunelabError(f"{run_dir}: no such folder (give a run folder: output.dir of a tunelab train)")
     if not cfg_path.is_file():
         raise TunelabError(f"{run_dir}: not a tunelab run folder (no config.yaml)")
+    _refuse_ignored_overrides(overrides, run_dir / which)
     cfg = load_config(cfg_path, overrides)
     check_config_trusted(cfg, trust_code, cfg_path)
     folder = run_dir / which

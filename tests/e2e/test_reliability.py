@@ -174,6 +174,29 @@ def test_tampered_weights_are_refused_as_pretrained(trained, tmp_path):
     assert_one_line_error(proc, "not listed in")
 
 
+def test_a_final_folder_whose_manifest_was_removed_is_refused(trained, tmp_path):
+    """Deleting manifest.json does not turn verification off for a run's final/ (tunelab always writes one
+    there); the same files copied into a folder of the user's own still load, unverified."""
+    run = _copy(trained, tmp_path)
+    (run / "final" / "manifest.json").unlink()
+    for proc in (run_cli("eval", run, check=False),
+                 run_cli("export", run, "--output", tmp_path / "exported", check=False),
+                 _train(tmp_path / "new", f"pretrained.path={run / 'final' / 'model.safetensors'}",
+                        "train.max_steps=2", check=False)):
+        assert_one_line_error(proc, "manifest.json is missing")
+    assert not (tmp_path / "exported").exists()
+    mine = tmp_path / "mine"
+    shutil.copytree(run / "final", mine)
+    _train(tmp_path / "new", f"pretrained.path={mine / 'model.safetensors'}", "train.max_steps=2")
+
+
+def test_eval_refuses_overrides_that_a_saved_model_would_ignore(trained):
+    proc = run_cli("eval", trained, "model.hidden=7", "optim.lr=0.5", check=False)
+    assert_one_line_error(proc, "model.hidden=7 optim.lr=0.5")
+    assert "would be ignored" in proc.stderr
+    json.loads(run_cli("eval", trained, "eval.batch_size=7").stdout.strip().splitlines()[-1])  # eval keys apply
+
+
 # -- FAIL 5: caches are checked, rebuilt when damaged ---------------------------------------------------------
 
 

@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.io import remove_stale_tmp
+from tunelab.io import RUN_MARKER, remove_stale_tmp
 
-MARKER = ".tunelab"
+MARKER = RUN_MARKER
 
 # Run folders whose lock this process holds: resolved path -> [fd, depth]. flock belongs to an open file
 # description, so a second open() in the same process would deadlock against itself: nested claims (the CLI's

@@ -96,15 +96,14 @@ def _cast_adapter(path: Path, dtype: str) -> None:
 def run_model_folder(run_dir: Path, which: str, trust_code: bool = False) -> tuple[Path, dict[str, Any]]:
     """A run's `final/` (or `best/`) folder, checked against its manifest where it has one, and its
     tunelab_model.json spec (which may name code to import only with `trust_code`)."""
-    from tunelab.io import MANIFEST, verify_folder
+    from tunelab.io import verify_if_manifested
     from tunelab.models import MODEL_JSON, check_trusted
     from tunelab.models.llm import find_model_folder
 
     folder = find_model_folder(run_dir, which) if run_dir.is_dir() else None
     if folder is None:
         raise TunelabError(f"{run_dir}: no {which}/ model folder (with {MODEL_JSON}); is this a finished run?")
-    if (folder / MANIFEST).is_file():
-        verify_folder(folder)  # a tampered final/ is refused, never exported
+    verify_if_manifested(folder)  # a tampered final/ is refused, never exported
     spec = json.loads((folder / MODEL_JSON).read_text())
     check_trusted(spec, trust_code, folder / MODEL_JSON)
     return folder, spec

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from tunelab.config import check_kwargs
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.io import MANIFEST, verify_folder
+from tunelab.io import verify_if_manifested
 from tunelab.registry import MODELS
 
 MODEL_JSON = "tunelab_model.json"
@@ -142,9 +142,7 @@ def load_model_folder(folder: Path, trust_code: bool = False) -> nn.Module:
     except ValueError as e:
         raise TunelabError(f"{meta}: not a tunelab model description ({e})") from e
     check_trusted(spec, trust_code, meta)
-    verified = (folder / MANIFEST).is_file()
-    if verified:  # a folder tunelab wrote: every file as it was written, or refused
-        verify_folder(folder)
+    verified = verify_if_manifested(folder)  # a folder tunelab wrote: every file as it was written, or refused
     entry, implied = resolve_builder(spec["name"])
     if entry.load is not None:
         return entry.load(folder, spec)
