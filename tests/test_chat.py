@@ -243,7 +243,8 @@ def test_the_console_says_records_packed_rows_and_what_was_dropped(shared_data, 
     info = bundle.info
     assert info["records"] == {"train": 100, "eval": 20} and info["dropped"] > 0  # long prompts fill 64 tokens
     text = describe_splits(bundle)
+    assert info["truncated"] > 0
     assert text.startswith(f"train 100 records packed into {len(bundle.train)} rows, eval 20 records in "
-                           f"{len(bundle.eval)} rows; {info['dropped']} records dropped (no response token left "
-                           "within data.max_length=64")
+                           f"{len(bundle.eval)} rows; {info['truncated']} records cut to data.max_length; "
+                           f"{info['dropped']} records dropped (no response token left within data.max_length=64")
     assert len(bundle.train) <= info["train_examples"] < 100  # rows hold the kept records

@@ -64,6 +64,8 @@ def _stacks_on_sigusr1() -> None:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # started as a program (not called from Python): the allocator can still be chosen
         _stacks_on_sigusr1()
+        if not sys.stderr.isatty():  # a log file, CI, nohup: the libraries' loading bars would be \r-joined junk
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers and huggingface_hub
         command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
         if command in _MIMALLOC_COMMANDS:
             from tunelab.allocator import reexec_with_mimalloc

@@ -123,6 +123,7 @@ def test_predict_keeps_the_columns_and_scores_a_labelled_file(trained, shared_da
     right = sum(r["label"] == r["input_label"] for r in table)
     line = next(x for x in proc.stderr.splitlines() if "accuracy" in x)
     assert f"accuracy {right / len(table):.4f}" in line and "macro-F1" in line and "(40 rows)" in line
+    assert "Loading weights" not in proc.stderr  # no library progress bars in a captured (non-terminal) stderr
 
 
 def test_linear_probe_trains_only_the_head(shared_data, env, tmp_path):

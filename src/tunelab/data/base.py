@@ -241,7 +241,7 @@ def _file_print(path: Path) -> dict[str, Any]:
 
 def describe_splits(data: DataBundle) -> str:
     """The console's account of the data: `train 1,914 records packed into 894 rows, eval 100 records in 45
-    rows; 3 records dropped (why)` for a source that reports records and rows in `info` (packing), else
+    rows; 7 records cut to data.max_length; 3 records dropped (why)` for a source that reports records and rows in `info` (packing), else
     `train 894 examples, eval 45`."""
     n = {split: len(ds) if ds is not None else 0 for split, ds in (("train", data.train), ("eval", data.eval))}
     records, rows = data.info.get("records"), data.info.get("rows")
@@ -249,6 +249,8 @@ def describe_splits(data: DataBundle) -> str:
         return f"train {n['train']:,} examples, eval {n['eval']:,}"
     text = ", ".join(f"{split} {records.get(split, 0):,} records {'packed into' if split == 'train' else 'in'} "
                      f"{rows.get(split, 0):,} rows" for split in ("train", "eval"))
+    if data.info.get("truncated"):
+        text += f"; {data.info['truncated']:,} records cut to data.max_length"
     if data.info.get("dropped"):
         text += f"; {data.info['dropped']:,} records dropped ({data.info.get('dropped_why', 'see the data source')})"
     return text

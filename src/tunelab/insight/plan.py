@@ -695,7 +695,7 @@ def format_plan(plan: Plan) -> str:
         rows += [
             f"  process baseline  {human_bytes(plan.baseline_bytes):>12}   (interpreter, libraries, tokenizer, data)",
             f"  process total     {human_bytes(plan.process_peak_bytes):>12}   "
-            f"(the {where} summary.json's peak_rss_mb and top show)",
+            f"(= {plan.process_peak_bytes / MiB:,.0f} MiB: the {where} summary.json's peak_rss_mb, in MiB, and top show)",
         ]
     rows += [
         "",
