@@ -411,7 +411,8 @@ def load_run(run_dir: str | Path, which: str = "final", overrides: list[str] | N
 
 
 def evaluate_run(run_dir: str | Path, which: str = "final", overrides: list[str] | None = None,
-                 trust_code: bool = False, split: str = "eval", data_path: str | None = None) -> dict:
+                 trust_code: bool = False, split: str = "eval", data_path: str | None = None,
+                 log=lambda message: None) -> dict:
     """A run's final (or best) weights scored on its eval or test split; `data_path`: on that labelled file,
     read as the run's data source reads its test file (`data.test`)."""
     if data_path is not None:
@@ -424,6 +425,8 @@ def evaluate_run(run_dir: str | Path, which: str = "final", overrides: list[str]
                                                               if split == "test" else ""))
     if not is_labelled(dataset):
         raise TunelabError(f"{where}: the {split} rows have no labels to score against (tunelab predict labels them)")
+    log(f"scoring {run_dir}/{which} on the {split} split" + (f" ({data_path})" if data_path else "")
+        + f": {len(dataset):,} rows")
     return _evaluator(run.cfg, run.model, run.task, run.data, run_dir).evaluate(dataset)
 
 
@@ -436,6 +439,7 @@ def evaluate_base(config_path: str | Path, overrides: list[str] | None = None, l
         raise TunelabError(f"{config_path}: the recipe's data has no eval split (set the data source's eval key)")
     if run.load_after_sharding is not None:
         raise TunelabError("--base builds one process's model; run it without torchrun")
+    log(f"scoring the untrained model of {config_path} on the eval split: {len(run.data.eval):,} rows")
     return _evaluator(cfg, run.model, run.task, run.data, None).evaluate()
 
 

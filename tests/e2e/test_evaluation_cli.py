@@ -46,11 +46,15 @@ def test_a_labelled_test_split_is_scored_at_the_end_and_on_demand(shared_data, e
     assert events(out, "test")[0]["accuracy"] == scored["accuracy"]
     report = (out / "report.html").read_text()
     assert "test accuracy" in report and f"{scored['accuracy']:.4g}" in report
-    again = json.loads(run_cli("eval", out, "--split", "test", env=env).stdout.strip().splitlines()[-1])
+    proc = run_cli("eval", out, "--split", "test", env=env)
+    again = json.loads(proc.stdout.strip().splitlines()[-1])
     assert again["loss"] == pytest.approx(scored["loss"], abs=1e-5)
+    assert f"{out}/final on the test split: 40 rows" in proc.stderr  # what was scored, on stderr
     other = tmp_path / "other.tsv"
     other.write_text("\n".join([dev[0], *dev[41:61]]) + "\n")
-    by_path = json.loads(run_cli("eval", out, "--data", other, env=env).stdout.strip().splitlines()[-1])
+    proc = run_cli("eval", out, "--data", other, env=env)
+    by_path = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert f"on the test split ({other}): 20 rows" in proc.stderr
     assert by_path["loss"] != pytest.approx(scored["loss"], abs=1e-5)
     assert by_path["accuracy"] * 20 == pytest.approx(round(by_path["accuracy"] * 20))  # 20 rows scored
     unlabelled = run_cli("eval", out, "--data", shared_data / "sst2" / "test.tsv", check=False, env=env)

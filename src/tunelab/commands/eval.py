@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
         print_json(evaluate_base(args.run_dir, args.overrides, log=log))
     else:
         print_json(evaluate_run(args.run_dir, "best" if args.best else "final", args.overrides,
-                                trust_code=args.trust_code, split=args.split, data_path=args.data))
+                                trust_code=args.trust_code, split=args.split, data_path=args.data, log=log))
     return 0
 
 
