@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from tunelab.config import RunConfig, load_config
+from tunelab.config import RunConfig, load_config, parse_override
 from tunelab.data.base import DataBundle, build_data, data_fingerprint, describe_splits, is_labelled
 from tunelab.engine.callbacks import TestSetEval
 from tunelab.engine.checkpoint import CheckpointManager
@@ -380,7 +380,7 @@ _FIXED_SECTIONS = ("model", "init", "pretrained", "strategy", "optim", "schedule
 
 
 def _refuse_ignored_overrides(overrides: list[str] | None, folder: Path) -> None:
-    fixed = [o for o in overrides or [] if o.split("=", 1)[0].split(".", 1)[0] in _FIXED_SECTIONS]
+    fixed = [o for o in overrides or [] if parse_override(o)[0][0] in _FIXED_SECTIONS]
     if fixed:
         raise ConfigError(
             f"{' '.join(fixed)}: {folder} holds the model as trained, so {', '.join(_FIXED_SECTIONS)} overrides "
