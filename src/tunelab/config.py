@@ -130,6 +130,9 @@ class TrainSection(Section):
     clip_grad_norm: float | None = Field(None, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
+    # On CPU, dropout layers draw their masks from a vectorised generator (tunelab.models.dropout): torch's
+    # CPU bernoulli_ is serial on CPUs without MKL's generator and made dropout ~15% of a BERT step.
+    fast_dropout: bool = True
     log_every: int = Field(10, gt=0)
     # Resumable checkpoints: every N optimizer steps, else at the end of each epoch; both also at the end
     # of the run (so a finished run can be extended with --resume). `checkpoints: false` writes none.

@@ -50,6 +50,7 @@ from tunelab.engine.step import StepResult, TrainStep, pick_device, to_device
 from tunelab.errors import ConfigError, DataError, TrainingDiverged, TunelabError
 from tunelab.io import atomic_write_text, write_dir_atomically
 from tunelab.models import keeps_adapters, save_model_folder
+from tunelab.models.dropout import use_fast_dropout
 from tunelab.optim import build_optimizer, build_scheduler
 from tunelab.strategies import Full, Strategy
 from tunelab.tasks.base import Task
@@ -348,6 +349,10 @@ class Trainer:
                                      "param_bytes_model": fsdp.param_bytes_full(self.raw_model)}
 
     def _wrap_model(self) -> None:
+        if self.train_cfg.fast_dropout and self.device.type == "cpu" and not self.train_cfg.compile:
+            swapped = use_fast_dropout(self.raw_model)
+            if swapped:
+                self.log_on_start["fast_dropout"] = swapped
         if self.sharded:
             self.step.model = self.model  # sharded (and compiled per block) in _shard
             return
