@@ -7,6 +7,11 @@ With mimalloc preloaded the same run peaked at 1.7 GB, at the same speed (`bench
 glibc's own knobs cost speed instead (a fixed MALLOC_MMAP_THRESHOLD_: 34-40% slower; malloc_trim per
 decoder layer: 13% slower).
 
+mimalloc's purge delay is raised from 10 ms to 10 s (`MIMALLOC_PURGE_DELAY=10000`, unless set): with the
+default, the ~47 MB gradient of BERT's word embeddings, freed and allocated again every step, went back to
+the OS in between, and zero-filling it again cost 40-50 ms of page faults per step (~15% of a MiniLM step
+at 16 tokens; 1-2 ms with the longer delay). Memory free for more than 10 s is still returned.
+
 The library comes from the `cmeel-mimalloc` wheel (a core dependency on Linux; ~0.5 MB). Preloading
 has to happen before the interpreter starts, so `tunelab train | lr-find | eval | quickstart` re-execute
 the same command line once with LD_PRELOAD set. `TUNELAB_MALLOC=system` keeps glibc's malloc. From Python,
@@ -20,6 +25,7 @@ import sys
 from pathlib import Path
 
 ENV = "TUNELAB_MALLOC"  # "mimalloc" (default) or "system"
+PURGE_DELAY_MS = "10000"  # see the module docstring
 _NAMES = ("libmimalloc.so.3", "libmimalloc.so.2", "libmimalloc.so")
 
 
@@ -48,6 +54,7 @@ def preload_env(env: dict[str, str] | None = None) -> dict[str, str] | None:
     if "mimalloc" in preload:
         return None
     env["LD_PRELOAD"] = f"{lib}:{preload}" if preload else lib
+    env.setdefault("MIMALLOC_PURGE_DELAY", PURGE_DELAY_MS)
     return env
 
 
@@ -71,5 +78,5 @@ def reexec_with_mimalloc() -> None:
     os.execve(sys.executable, list(sys.orig_argv), env)
 
 
-if __name__ == "__main__":  # `LD_PRELOAD=$(python -m tunelab.allocator) python train.py`
+if __name__ == "__main__":  # `MIMALLOC_PURGE_DELAY=10000 LD_PRELOAD=$(python -m tunelab.allocator) python train.py`
     print(library() or "")

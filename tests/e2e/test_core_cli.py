@@ -67,6 +67,9 @@ def test_malloc_can_be_switched_off_and_preload_is_composed(tmp_path):
     if sys.platform.startswith("linux"):
         env = allocator.preload_env({"LD_PRELOAD": "/x/libother.so"})
         assert env["LD_PRELOAD"] == f"{allocator.library()}:/x/libother.so"
+        assert env["MIMALLOC_PURGE_DELAY"] == "10000"  # freed gradients stay mapped between steps
+        mine = allocator.preload_env({"MIMALLOC_PURGE_DELAY": "-1"})
+        assert mine["MIMALLOC_PURGE_DELAY"] == "-1"  # the user's own setting wins
         assert allocator.preload_env(env) is None  # already preloaded: no second re-exec
     assert allocator.preload_env({"TUNELAB_MALLOC": "system"}) is None
 
