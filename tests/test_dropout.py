@@ -141,11 +141,12 @@ def test_hf_attention_dropout_is_the_math_path_with_the_fast_mask() -> None:
 
 
 def test_gpt_attention_dropout_path() -> None:
-    from tunelab.models.gpt import GPT, causal_attention_with_dropout, gpt_config
+    from tunelab.models.dropout import attention_with_dropout
+    from tunelab.models.gpt import GPT, gpt_config
 
     q, k, v = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
     reference = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    assert torch.allclose(causal_attention_with_dropout(q, k, v, 0.0), reference, atol=1e-6)
+    assert torch.allclose(attention_with_dropout(q, k, v, 0.0, causal=True), reference, atol=1e-6)
 
     torch.manual_seed(0)
     model = GPT(gpt_config("baby-llama", dropout=0.1))

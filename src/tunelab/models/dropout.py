@@ -4,7 +4,7 @@ torch's CPU dropout draws its mask with `bernoulli_`, which on CPUs where it doe
 generator (AMD's, for one) draws one element at a time from a serial Mersenne twister: on this project's
 machine (AMD EPYC, 2 cores) a dropout over 32 x 24 x 384 activations took 1.86 ms against 32 us for a
 multiply of the same tensor, and `scaled_dot_product_attention` with `dropout_p=0.1` took 4x as long as
-without (docs/benchmarks.md, "Dropout on CPU"). BERT's dropouts and the one in front of every LoRA adapter
+without (docs/textcls.md, "Dropout on CPU"). BERT's dropouts and the one in front of every LoRA adapter
 make that a large share of a CPU training step.
 
 `dropout(x, p)` keeps each element with probability 1 - p and scales it by 1 / (1 - p), as `F.dropout`
@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-_MARK = "tunelab_fast_dropout"  # set on attention modules whose sdpa call takes the fast path
+MARK = "tunelab_fast_dropout"  # set on attention modules whose sdpa call takes the fast path
 
 
 def _keep_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
@@ -69,9 +69,6 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     return _MaskedScale.apply(x, keep, scale)
 
 
-_drop = dropout  # for `_sdpa_attention`, whose `dropout` argument (transformers' name) shadows the function
-
-
 class Dropout(nn.Dropout):
     """`nn.Dropout` with `dropout`'s cheap CPU mask; the same `p` and `inplace` attributes."""
 
@@ -92,7 +89,7 @@ def use_fast_dropout(model: nn.Module) -> int:
                 parent._modules[name].train(child.training)
                 swapped += 1
         if "Attention" in type(parent).__name__:
-            setattr(parent, _MARK, True)
+            setattr(parent, MARK, True)
     if swapped:
         _route_hf_sdpa()
     return swapped
@@ -122,7 +119,7 @@ def _sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                     is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     plain = (
-        not getattr(module, _MARK, False)
+        not getattr(module, MARK, False)
         or not _fast_path(query, dropout)
         or kwargs.get("position_bias") is not None
         or kwargs.get("softcap") is not None
@@ -131,21 +128,28 @@ def _sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     if plain:
         return _ORIGINAL_SDPA(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                               is_causal=is_causal, **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    length = query.shape[-2]
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + attention_mask
-    elif causal and length > 1:
-        future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
-        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
-    probs = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(_drop(probs, dropout), value)
+    out = attention_with_dropout(query, key, value, dropout, attention_mask, causal, scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
+                           mask: torch.Tensor | None = None, causal: bool = False,
+                           scale: float | None = None) -> torch.Tensor:
+    """sdpa's math path with `dropout`'s mask on the probabilities: softmax(q k^T * scale + mask) v, with
+    keys/values repeated for grouped-query attention. `mask`: bool (True = attend) or additive; without
+    one, `causal` hides future positions. (B, H, T, D) in and out."""
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    length = q.shape[-2]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    elif causal and length > 1:
+        future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(dropout(probs, p), v)

@@ -28,7 +28,8 @@ from torch.utils.checkpoint import checkpoint
 
 from tunelab.errors import ConfigError, did_you_mean
 from tunelab.models import register_model
-from tunelab.models.dropout import dropout as fast_dropout
+from tunelab.models.dropout import MARK as FAST_DROPOUT
+from tunelab.models.dropout import attention_with_dropout
 
 Flavour = Literal["gpt2", "llama"]
 
@@ -177,9 +178,9 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.training and self.dropout and getattr(self, "tunelab_fast_dropout", False):
+        if self.training and self.dropout and getattr(self, FAST_DROPOUT, False):
             # attention dropout on CPU: sdpa's math path with the cheap mask (models/dropout.py)
-            y = causal_attention_with_dropout(q, k, v, self.dropout)
+            y = attention_with_dropout(q, k, v, self.dropout, causal=True)
             return self.proj(y.transpose(1, 2).reshape(B, T, C))
         y = F.scaled_dot_product_attention(
             q,
@@ -190,17 +191,6 @@ class CausalSelfAttention(nn.Module):
             enable_gqa=self.n_kv_head != self.n_head,
         )
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-def causal_attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + causal mask) with dropout, times v; keys/values repeated for GQA."""
-    if k.shape[1] != q.shape[1]:
-        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
-    T = q.shape[-2]
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
-    return fast_dropout(probs, p) @ v
 
 
 class MLP(nn.Module):
