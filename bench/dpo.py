@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from repeats import summarize
@@ -165,7 +166,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     from tunelab.tokenizers import load_hf_tokenizer
 
     train_recs, eval_recs = split_records(args)
-    tmp = Path(f"/tmp/bench-dpo-ours-{os.getpid()}")
+    tmp = Path(tempfile.gettempdir()) / f"bench-dpo-ours-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     data_file = tmp / "train.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in train_recs))

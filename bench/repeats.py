@@ -5,10 +5,24 @@ ratios (the two sides of one repeat ran back to back). Every run is kept in the 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
+
+
+def run_in_scratch(cmd: list[str], env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run` with TMPDIR pointed at a fresh folder that is removed afterwards, whatever the side
+    wrote there (run folders, checkpoints, the peer's output_dir, a tokenised cache): a benchmark's sides
+    leave nothing behind, so repeated benchmarks can't fill the disk."""
+    scratch = tempfile.mkdtemp(prefix="tunelab-bench-")
+    try:
+        return subprocess.run(cmd, env={**(os.environ if env is None else env), "TMPDIR": scratch}, **kwargs)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def run_round_robin(n: int, sides: list[str], launch: Callable[[str, int], tuple[list[str], dict]],
@@ -21,7 +35,7 @@ def run_round_robin(n: int, sides: list[str], launch: Callable[[str, int], tuple
         repeats.append({})
         for side in sides:
             cmd, env = launch(side, rep)
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
+            proc = run_in_scratch(cmd, env, capture_output=True, text=True, cwd=cwd)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             if proc.returncode != 0 or not lines:
                 sys.stderr.write(proc.stderr[-4000:])

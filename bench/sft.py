@@ -27,6 +27,7 @@ import json
 import os
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -156,7 +157,7 @@ def _cuda() -> bool:
 def trl_arguments(args: argparse.Namespace, job: str) -> dict:
     """The TRL config every bench side shares: sizes, steps, a constant LR, fp32 on the CPU, no saving."""
     return dict(
-        output_dir=f"/tmp/bench-{job}-trl-{os.getpid()}",
+        output_dir=str(Path(tempfile.gettempdir()) / f"bench-{job}-trl-{os.getpid()}"),
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
         max_steps=args.steps,
@@ -245,7 +246,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     train_recs, eval_recs = split_records(args)
     gc = {"false": False, "true": True, "selective": "selective"}.get(args.ours_checkpointing)
     checkpointing = {} if gc is None else {"gradient_checkpointing": gc}
-    tmp = Path(f"/tmp/bench-sft-ours-{os.getpid()}")
+    tmp = Path(tempfile.gettempdir()) / f"bench-sft-ours-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     data_file = tmp / "train.json"
     data_file.write_text(json.dumps(train_recs))
@@ -318,8 +319,6 @@ def fit_timed(run, tokens_of) -> tuple[int, dict[str, float], object]:
 
 def acceptance(run_dir: Path) -> dict:
     """Held-out loss of base vs tuned (same eval pipeline), merged-export logits vs adapter, EOS from export."""
-    import tempfile
-
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from repeats import summarize  # bench/repeats.py (this script's folder is on sys.path)
+from repeats import run_in_scratch, summarize  # bench/repeats.py (this script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("TUNELAB_SHARED_DATA", REPO.parent / "shared" / "data")) / "sst2"
@@ -239,7 +239,7 @@ def run_child(side: str, argv: list[str]) -> dict:
         from tunelab.allocator import preload_env
 
         env = preload_env(env) or env
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    proc = run_in_scratch(cmd, env, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"side {side} failed (exit {proc.returncode})")
     return json.loads(proc.stdout.strip().splitlines()[-1])

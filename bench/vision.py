@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from repeats import run_in_scratch  # bench/repeats.py (this script's folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = (
     Path(os.environ.get("TUNELAB_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -148,7 +150,7 @@ def run_side(side: str, args: argparse.Namespace) -> dict:
     else:
         env = dict(os.environ)
     t0 = time.time()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    proc = run_in_scratch(cmd, env, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"side {side} failed (exit {proc.returncode})")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
