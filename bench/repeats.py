@@ -18,9 +18,10 @@ def run_in_scratch(cmd: list[str], env: dict | None = None, **kwargs) -> subproc
     """`subprocess.run` with TMPDIR pointed at a fresh folder that is removed afterwards, whatever the side
     wrote there (run folders, checkpoints, the peer's output_dir, a tokenised cache): a benchmark's sides
     leave nothing behind, so repeated benchmarks can't fill the disk."""
-    scratch = tempfile.mkdtemp(prefix="tunelab-bench-")
+    env = dict(os.environ if env is None else env)
+    scratch = tempfile.mkdtemp(prefix="tunelab-bench-", dir=env.get("TMPDIR"))  # inside the side's own TMPDIR
     try:
-        return subprocess.run(cmd, env={**(os.environ if env is None else env), "TMPDIR": scratch}, **kwargs)
+        return subprocess.run(cmd, env={**env, "TMPDIR": scratch}, **kwargs)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

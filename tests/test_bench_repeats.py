@@ -3,12 +3,14 @@ per-repeat ratios (not the ratio of the medians), every run kept."""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))  # as `python bench/sft.py` has it
 
-from repeats import summarize  # noqa: E402
+from repeats import run_in_scratch, summarize  # noqa: E402
 
 FIGURES = {"speedup": lambda r: r["ours"]["tok_s"] / r["peer"]["tok_s"],
            "loss_delta": lambda r: r["ours"]["loss"] - r["peer"]["loss"],
@@ -35,3 +37,17 @@ def test_ratio_is_the_median_of_paired_ratios_not_of_medians():
                {"peer": {"tok_s": 200.0}, "ours": {"tok_s": 210.0}}]
     final = summarize(repeats, FIGURES)
     assert final["speedup"] == 1.1  # paired ratios 1.5, 1.1, 1.05 -> 1.1; medians 150/100 would say 1.5
+
+
+def test_a_side_leaves_nothing_in_the_temporary_folder(tmp_path):
+    # a side writes its run folder (and the peer its output_dir) under tempfile's folder: a day of benchmarks
+    # once left gigabytes in /tmp and filled the disk; run_in_scratch points TMPDIR at a folder it removes
+    child = ("import json, os, tempfile; d = tempfile.mkdtemp(); open(os.path.join(d, 'ckpt.bin'), 'wb').write(b'x' * 1000);"
+             " print(json.dumps({'dir': d, 'tmp': tempfile.gettempdir()}))")
+    proc = run_in_scratch([sys.executable, "-c", child], {**os.environ, "TMPDIR": str(tmp_path)},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    scratch = Path(out["tmp"])
+    assert scratch.parent == tmp_path and Path(out["dir"]).parent == scratch  # the side wrote in the scratch folder
+    assert not scratch.exists() and list(tmp_path.iterdir()) == []  # and it is gone, with what the side left
