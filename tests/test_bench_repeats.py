@@ -51,3 +51,18 @@ def test_a_side_leaves_nothing_in_the_temporary_folder(tmp_path):
     scratch = Path(out["tmp"])
     assert scratch.parent == tmp_path and Path(out["dir"]).parent == scratch  # the side wrote in the scratch folder
     assert not scratch.exists() and list(tmp_path.iterdir()) == []  # and it is gone, with what the side left
+
+
+def test_removing_the_scratch_folder_does_not_follow_links_out_of_it(tmp_path):
+    # whatever a side leaves is removed, but a link it leaves to a folder elsewhere must not take that folder with it
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("kept")
+    child = f"import os, tempfile; os.symlink({str(outside)!r}, os.path.join(tempfile.gettempdir(), 'link'))"
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    proc = run_in_scratch([sys.executable, "-c", child], {**os.environ, "TMPDIR": str(tmpdir)},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert list(tmpdir.iterdir()) == []  # the scratch folder and the link are gone
+    assert (outside / "keep.txt").read_text() == "kept"  # the folder it pointed at is not
