@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/vision.py                                   # plain vs ours, 112 px, 40 steps, 3 repeats
     .venv/bin/python bench/vision.py --steps 8 --image-size 64         # a quick look
-    .venv/bin/python bench/vision.py --sides plain,ours,ours_channels_last,ours_compile
+    .venv/bin/python bench/vision.py --sides plain,ours,ours_contiguous,ours_compile
     .venv/bin/python bench/vision.py --repeats 1                       # one run per side
 
 Same model (torchvision resnet18, random weights, 2-class head, full fine-tuning), same data (the
@@ -13,7 +13,8 @@ steps after the first `--warmup` (8) ones, each step timed from asking for the b
 optimizer step (model building, evaluation and reports excluded on both sides). tunelab runs with
 `train.log_every` = `--warmup`, so its metrics.jsonl windows line up with the plain loop's per-step times:
 the first window is the warm-up, and the grad norm and the log line are paid once per window, as with
-any logging interval (the default is 10). Variants: `ours_channels_last` (model channels_last=true)
+any logging interval (the default is 10). `ours` runs the model's defaults, so channels_last (NHWC) for a
+CNN. Variants: `ours_contiguous` (model channels_last=false, the NCHW layout the tutorial loop uses)
 and `ours_compile` (train.compile=true; the first compile is in the warm-up steps, the recompile for the
 last, smaller batch of an epoch is counted). The last line printed is one JSON object with every side's figures and the ratios.
 With --repeats N (default 3) the sides alternate N times; each side shows its median run and keeps every run
@@ -110,7 +111,7 @@ def side_ours(args: argparse.Namespace, variant: str) -> dict:
                 "model": {
                     "name": "torchvision:resnet18",
                     "num_classes": 2,
-                    "channels_last": variant == "ours_channels_last",
+                    **({"channels_last": False} if variant == "ours_contiguous" else {}),
                 },
                 # the train folder alone: no eval split, so no evaluation or report on this side
                 "data": {"name": "image_folder", "root": str(DATA / "train"), "image_size": args.image_size,
@@ -209,7 +210,7 @@ def main() -> None:
         middle = sorted(rs, key=lambda r: r["images_per_s"])[(len(rs) - 1) // 2]  # the median run
         results[side] = {**middle, "runs": rs}
     ratios = {"ratio": ("ours", "plain")}  # name: (numerator, denominator); target >= 1.0
-    ratios.update({f"{v.removeprefix('ours_')}_vs_ours": (v, "ours") for v in ("ours_channels_last", "ours_compile")})
+    ratios.update({f"{v.removeprefix('ours_')}_vs_ours": (v, "ours") for v in ("ours_contiguous", "ours_compile")})
     for name, (num, den) in ratios.items():
         if num in runs and den in runs:  # round-robin pairs: the median of per-repeat ratios
             per_repeat = [a["images_per_s"] / b["images_per_s"] for a, b in zip(runs[num], runs[den])]

@@ -21,7 +21,7 @@ from tunelab.data.images import (
 )
 from tunelab.errors import ConfigError, DataError, TunelabError
 from tunelab.models import create_model
-from tunelab.models.vision import backbone_preset
+from tunelab.models.vision import backbone_preset, use_channels_last
 from tunelab.tasks.image_classification import ImageClassificationTask
 
 
@@ -67,6 +67,47 @@ def test_channels_last_same_outputs():
     assert fast.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_is_the_default_for_convnets_only():
+    """`channels_last` unset: on for a CNN (faster convolutions), off for a model with one conv (a ViT's
+    patch embedding) or none; an explicit false keeps the contiguous layout."""
+    net = create_model("torchvision:resnet18", num_classes=2)
+    assert net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not net.conv1.weight.is_contiguous()
+    off = create_model("torchvision:resnet18", num_classes=2, channels_last=False)
+    assert off.conv1.weight.is_contiguous()
+    one_conv = use_channels_last(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.Flatten()), None)
+    assert one_conv[0].weight.is_contiguous()
+    two = use_channels_last(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3)), None)
+    assert two[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert two(torch.randn(1, 3, 8, 8)).is_contiguous(memory_format=torch.channels_last)  # the hook converts inputs
+
+
+def test_fsdp_shards_a_channels_last_convnet(tmp_path):
+    """FSDP2 refuses non-contiguous parameters: the sharded engine turns NHWC weights back, same outputs."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from tunelab.config import DistributedSection
+    from tunelab.engine.fsdp import shard
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())  # fmt: skip
+    x = torch.randn(2, 3, 12, 12)
+    expected = net(x)
+    use_channels_last(net, None)
+    assert not all(p.is_contiguous() for p in net.parameters())
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'rdzv'}")
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        shard(net, mesh, DistributedSection(strategy="fsdp"), None)
+        out = net(x)
+        out.sum().backward()
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_bad_model_names_and_weights():

@@ -65,6 +65,8 @@ def shard(model: nn.Module, mesh: Any, cfg: DistributedSection, autocast_dtype: 
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cfg.cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
+    if not all(p.is_contiguous() for p in model.parameters()):  # channels_last CNN weights: FSDP2 needs
+        model.to(memory_format=torch.contiguous_format)  # contiguous ones (the inputs may stay NHWC)
     for block in transformer_blocks(model):
         if compile_blocks:
             block.compile()
