@@ -61,9 +61,10 @@ def test_torchvision_head_replaced_and_named():
 
 def test_channels_last_same_outputs():
     torch.manual_seed(0)
-    plain = create_model("torchvision:resnet18", num_classes=2).eval()
+    plain = create_model("torchvision:resnet18", num_classes=2, channels_last=False).eval()
     fast = create_model("torchvision:resnet18", num_classes=2, channels_last=True).eval()
     fast.load_state_dict(plain.state_dict())
+    assert plain.conv1.weight.is_contiguous()  # NCHW, so the comparison is between the two layouts
     assert fast.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-4)
