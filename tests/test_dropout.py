@@ -58,6 +58,17 @@ def test_gradient_is_mask_times_scale() -> None:
     assert torch.allclose(x.grad, keep.float() / 0.7)
 
 
+def test_bf16_activations_keep_their_dtype() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(512, 64, dtype=torch.bfloat16, requires_grad=True)
+    y = dropout(x, 0.25)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    keep = y.detach() != 0
+    assert x.grad.dtype == torch.bfloat16
+    assert torch.equal(x.grad, (keep.float() / 0.75).bfloat16())
+
+
 class _Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
