@@ -58,15 +58,21 @@ def test_gradient_is_mask_times_scale() -> None:
     assert torch.allclose(x.grad, keep.float() / 0.7)
 
 
-def test_bf16_activations_keep_their_dtype() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_every_dtype_gets_x_times_keep_times_the_exact_scale(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
-    x = torch.randn(512, 64, dtype=torch.bfloat16, requires_grad=True)
-    y = dropout(x, 0.25)
-    assert y.dtype == torch.bfloat16
-    y.float().sum().backward()
-    keep = y.detach() != 0
-    assert x.grad.dtype == torch.bfloat16
-    assert torch.equal(x.grad, (keep.float() / 0.75).bfloat16())
+    x = (torch.rand(512, 64, dtype=dtype) + 0.5).requires_grad_()  # no zeros: y == 0 means dropped
+    y = dropout(x, 0.1)
+    assert y.dtype == dtype
+    keep, scale = y.detach() != 0, _keep_mask(torch.Size([1]), 0.1)[1]  # 1 / P(keep), P on a 2^-32 grid
+    assert abs(scale - 1 / 0.9) < 1e-8
+    # the scale is applied as torch applies a Python scalar (in float opmath), not rounded to `dtype`
+    # first: with bf16, 1/0.9 rounded to 1.109 would bias every kept activation by 0.16%
+    assert torch.equal(y.detach(), x.detach() * keep * scale)
+    g = torch.randn(512, 64, dtype=dtype)
+    y.backward(g)
+    assert x.grad.dtype == dtype
+    assert torch.equal(x.grad, g * keep * scale)
 
 
 class _Net(nn.Module):

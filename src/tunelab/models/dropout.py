@@ -12,11 +12,11 @@ does. The mask comes from 32-bit uniforms of NumPy's SFC64 generator, vectorised
 torch's default CPU generator: runs stay reproducible under `train.seed`, exact resume (the checkpoint
 keeps torch's RNG state) and activation checkpointing (which restores torch's RNG state before it
 recomputes) replay the same masks. The keep probability is p rounded to a multiple of 2^-32. The mask is
-saved for backward as one byte per element, as torch's own dropout saves it. The multiplies take a float
-mask of {0, 1 / (1 - p)} that NumPy casts from the bool one: torch's bool-to-float cast (and so
-`x * bool_mask`) took 137-169 us on a 32 x 16 x 384 tensor, against 15-33 us for a float multiply and
-43 us for NumPy's cast (measured 2026-12-04; the outputs and gradients are bit-identical to
-`x * keep * scale`). Tensors on other devices and `torch.compile`d code take torch's own dropout.
+saved for backward as one byte per element, as torch's own dropout saves it. The multiplies take a {0, 1}
+mask that NumPy casts from the bool one: torch's bool-to-float cast (and so `x * bool_mask`) took
+137-169 us on a 32 x 16 x 384 tensor, against 15-33 us for a float multiply and 43 us for NumPy's cast
+(measured 2026-12-04); outputs and gradients are bit-identical to `x * keep * scale` in every dtype.
+Tensors on other devices and `torch.compile`d code take torch's own dropout.
 
 `use_fast_dropout(model)` swaps every `nn.Dropout` of a model for `Dropout` (a subclass, so code that
 checks `isinstance(m, nn.Dropout)` still sees one) and routes the attention-probability dropout of
@@ -45,12 +45,11 @@ def _keep_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
     return keep, 2**32 / (2**32 - threshold)
 
 
-def _scaled_mask(keep: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """`keep` as {0, scale} in `dtype` (the cast done by NumPy, see the module docstring)."""
-    mask = keep.numpy().astype(np.float32)
-    mask *= np.float32(scale)
-    out = torch.from_numpy(mask)
-    return out if dtype == torch.float32 else out.to(dtype)
+def _masked_scale(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """`x * keep * scale`, with the bool mask cast to {0, 1} by NumPy (see the module docstring). The scale
+    stays a separate multiply: folded into the mask it would be rounded to x's dtype (bf16: 1/0.9 -> 1.109)."""
+    mask = torch.from_numpy(keep.numpy().astype(np.float32))
+    return (x * mask.to(x.dtype)).mul_(scale)
 
 
 class _MaskedScale(torch.autograd.Function):
@@ -58,12 +57,12 @@ class _MaskedScale(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return x * _scaled_mask(keep, scale, x.dtype)
+        return _masked_scale(x, keep, scale)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (keep,) = ctx.saved_tensors
-        return grad * _scaled_mask(keep, ctx.scale, grad.dtype), None, None
+        return _masked_scale(grad, keep, ctx.scale), None, None
 
 
 def _fast_path(x: torch.Tensor, p: float) -> bool:
