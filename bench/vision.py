@@ -3,6 +3,7 @@
     .venv/bin/python bench/vision.py                                   # plain vs ours, 112 px, 40 steps, 3 repeats
     .venv/bin/python bench/vision.py --steps 8 --image-size 64         # a quick look
     .venv/bin/python bench/vision.py --sides plain,ours,ours_contiguous,ours_compile
+    .venv/bin/python bench/vision.py --sides plain,ours,ours_nice0     # what the workers' lower priority buys
     .venv/bin/python bench/vision.py --repeats 1                       # one run per side
 
 Same model (torchvision resnet18, random weights, 2-class head, full fine-tuning), same data (the
@@ -14,9 +15,11 @@ optimizer step (model building, evaluation and reports excluded on both sides). 
 `train.log_every` = `--warmup`, so its metrics.jsonl windows line up with the plain loop's per-step times:
 the first window is the warm-up, and the grad norm and the log line are paid once per window, as with
 any logging interval (the default is 10). `ours` runs the model's defaults, so channels_last (NHWC) for a
-CNN. Variants: `ours_contiguous` (model channels_last=false, the NCHW layout the tutorial loop uses)
-and `ours_compile` (train.compile=true; the first compile is in the warm-up steps, the recompile for the
-last, smaller batch of an epoch is counted). The last line printed is one JSON object with every side's figures and the ratios.
+CNN. Variants: `ours_contiguous` (model channels_last=false, the NCHW layout the tutorial loop uses),
+`ours_compile` (train.compile=true; the first compile is in the warm-up steps, the recompile for the
+last, smaller batch of an epoch is counted) and `ours_nice0` (train.worker_nice=0: the loader workers at the
+training process's priority, as the tutorial loop runs them; `ours` runs the CPU default, nice 19).
+The last line printed is one JSON object with every side's figures and the ratios.
 With --repeats N (default 3) the sides alternate N times; each side shows its median run and keeps every run
 (`runs`), and each ratio is the median of the per-repeat ratios (`ratio_per_repeat`).
 """
@@ -119,7 +122,8 @@ def side_ours(args: argparse.Namespace, variant: str) -> dict:
                 "optim": {"name": "sgd", "lr": 0.001, "momentum": 0.9, "no_decay": []},
                 "train": {"max_steps": args.steps, "batch_size": args.batch_size, "num_workers": args.num_workers,
                           "seed": args.seed, "precision": "fp32", "device": args.device,
-                          "compile": variant == "ours_compile", "log_every": args.warmup},
+                          "compile": variant == "ours_compile", "log_every": args.warmup,
+                          **({"worker_nice": 0} if variant == "ours_nice0" else {})},
                 "output": {"dir": str(Path(tmp) / "run"), "progress": False, "tensorboard": False},
                 "report": {"enabled": False},
                 "doctor": {"enabled": False},
@@ -210,7 +214,7 @@ def main() -> None:
         middle = sorted(rs, key=lambda r: r["images_per_s"])[(len(rs) - 1) // 2]  # the median run
         results[side] = {**middle, "runs": rs}
     ratios = {"ratio": ("ours", "plain")}  # name: (numerator, denominator); target >= 1.0
-    ratios.update({f"{v.removeprefix('ours_')}_vs_ours": (v, "ours") for v in ("ours_contiguous", "ours_compile")})
+    ratios.update({f"{v.removeprefix('ours_')}_vs_ours": (v, "ours") for v in ("ours_contiguous", "ours_compile", "ours_nice0")})
     for name, (num, den) in ratios.items():
         if num in runs and den in runs:  # round-robin pairs: the median of per-repeat ratios
             per_repeat = [a["images_per_s"] / b["images_per_s"] for a, b in zip(runs[num], runs[den])]

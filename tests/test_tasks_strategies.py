@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn as nn
 
@@ -220,3 +221,41 @@ def test_workers_resume_exactly_across_epoch_boundaries(tmp_path):
     seeded = SeededSamples(_Augmented(), seed=0)  # index 3 in epochs 0, 0 and 1: same, same, different
     a, b, c = (seeded[k]["inputs"] for k in (3, 3, 40 + 3))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+class _Niceness(torch.utils.data.Dataset):
+    """Each sample is the nice value of the process that loaded it."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        import os
+
+        return {"inputs": torch.full((6,), float(os.nice(0))), "labels": torch.tensor(0)}
+
+
+@pytest.mark.parametrize(("setting", "device", "added"), [("auto", "cpu", 19), (5, "cpu", 5), (0, "cpu", 0)])
+def test_loader_workers_lower_their_priority_as_configured(tmp_path, setting, device, added):
+    """`train.worker_nice`: on CPU the workers step aside for the step's compute threads by default."""
+    import os
+
+    from tunelab.engine.trainer import Trainer
+    from tunelab.tasks.base import build_task
+
+    cfg = load_config({
+        "model": {"name": "linear"}, "data": {"name": "digits"},
+        "train": {"max_steps": 2, "batch_size": 4, "num_workers": 2, "worker_nice": setting, "device": device},
+        "output": {"dir": str(tmp_path), "progress": False, "tensorboard": False},
+        "doctor": {"enabled": False}, "report": {"enabled": False},
+    })  # fmt: skip
+    trainer = Trainer(nn.Linear(6, 3), build_task("classification", num_classes=3), _Niceness(), _Niceness(),
+                      config=cfg, output_dir=tmp_path)
+    parent = os.nice(0)
+    want = min(19, parent + added)
+    trainer.sampler = trainer._train_sampler()  # what fit() sets up first
+    window = next(trainer._windows())
+    assert window.batches[0]["inputs"].unique().tolist() == [want]
+    assert {b["inputs"][0, 0].item() for b in trainer._make_eval_loader(trainer.eval_data)} == {want}
+    assert os.nice(0) == parent  # the training process keeps its priority
+    assert cfg.train.resolved_worker_nice("cuda") == (0 if setting == "auto" else setting)

@@ -8,6 +8,8 @@ from (seed, epoch, index) for the same reason.
 
 from __future__ import annotations
 
+import functools
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -74,17 +76,23 @@ class FixedBatches(ResumableBatchSampler):
         return self._batches
 
 
-def _seed_worker(worker_id: int) -> None:  # deterministic worker RNG before the per-sample reseed
+def _init_worker(nice: int, worker_id: int) -> None:
+    """Deterministic worker RNG before the per-sample reseed; then the worker's nice value raised by
+    `nice` (Unix), so under contention the scheduler favours the training process's compute threads."""
     s = torch.initial_seed() % 2**31
     random.seed(s)
     np.random.seed(s)
+    if nice > 0 and hasattr(os, "nice"):
+        os.nice(nice)  # a worker is one thread (torch sets it to 1 intra-op thread): this covers its work
 
 
 def make_loader(dataset: Dataset, sampler: Sampler, collate_fn: Any, seed: int, workers: int = 0,
-                pin_memory: bool = False, run_from: tuple[int, int] | None = None) -> DataLoader:
+                pin_memory: bool = False, run_from: tuple[int, int] | None = None,
+                worker_nice: int = 0) -> DataLoader:
     """A DataLoader over `sampler`'s batches. With `run_from=(epoch, batch)`, the training loader: every
     epoch's batches from there on, one iterator for the run (`RunBatches`). With workers, samples are
-    reseeded from (seed, epoch, index) so augmentation resumes exactly (`SeededSamples`)."""
+    reseeded from (seed, epoch, index) so augmentation resumes exactly (`SeededSamples`), and each worker
+    adds `worker_nice` to its nice value (`train.worker_nice`)."""
     if run_from is not None:
         sampler = RunBatches(sampler, len(dataset), *run_from, tag=workers > 0)
     return DataLoader(
@@ -93,7 +101,7 @@ def make_loader(dataset: Dataset, sampler: Sampler, collate_fn: Any, seed: int, 
         collate_fn=collate_fn,
         num_workers=workers,
         pin_memory=pin_memory,
-        worker_init_fn=_seed_worker if workers > 0 else None,
+        worker_init_fn=functools.partial(_init_worker, worker_nice) if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),  # keeps the global RNG untouched
     )
 

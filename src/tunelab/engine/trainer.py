@@ -378,7 +378,8 @@ class Trainer:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         loader = make_loader(self.train_data, self.sampler, self.collate_fn, self.train_cfg.seed,
                              self.train_cfg.num_workers, self.device.type == "cuda",
-                             run_from=(self.epoch, self.batch_in_epoch))
+                             run_from=(self.epoch, self.batch_in_epoch),
+                             worker_nice=self.train_cfg.resolved_worker_nice(self.device.type))
         return Windows(loader, len(self.sampler), self.train_cfg.grad_accum, self.batch_in_epoch)
 
     def _set_train_mode(self) -> None:
@@ -585,7 +586,8 @@ class Trainer:
                 mine += [batches[0]] * (want - real)
             sampler = FixedBatches(mine)
         loader = make_loader(dataset, sampler, self.collate_fn, seed=0, workers=self.train_cfg.num_workers,
-                             pin_memory=self.device.type == "cuda")
+                             pin_memory=self.device.type == "cuda",
+                             worker_nice=self.train_cfg.resolved_worker_nice(self.device.type))
         loader.real_batches = real
         if dataset is self.eval_data:
             self._eval_loader = loader
