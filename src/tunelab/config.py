@@ -143,7 +143,7 @@ class TrainSection(Section):
     num_workers: int = Field(0, ge=0)
     # How much the DataLoader workers lower their priority (Unix nice, 0-19). `auto`: 19 when training on
     # CPU, where the workers share the cores with the step's OpenMP threads and a thread pre-empted by a
-    # worker stalls the whole op (ResNet-18 on 2 cores: ~10% more images/s, docs/vision.md); the workers
+    # worker stalls the whole op (ResNet-18 on 2 cores: 10-18% more images/s, docs/vision.md); the workers
     # still get every idle moment. 0 (unchanged) on accelerators, where the main process mostly waits.
     worker_nice: int | Literal["auto"] = "auto"
     group_by_length: bool = False
