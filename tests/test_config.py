@@ -35,6 +35,12 @@ def test_negative_learning_rate():
         load_config(BASE, ["optim.lr=-0.1"])
 
 
+@pytest.mark.parametrize("value", ["25", "-1", "low", "1.5"])
+def test_worker_nice_out_of_range_names_key_and_range(value):
+    with pytest.raises(ConfigError, match=rf"`train.worker_nice` = '?{value}'? is invalid.*0 \(unchanged\) to 19"):
+        load_config(BASE, [f"train.worker_nice={value}"])
+
+
 def test_bad_choice_lists_allowed():
     with pytest.raises(ConfigError, match="optim.name.*'sgd', 'adam' or 'adamw'"):
         load_config(BASE, ["optim.name=rmsprop"])

@@ -153,12 +153,18 @@ class TrainSection(Section):
     # `torchrun --max-restarts` or a scheduler needs); a fresh folder starts a new run.
     auto_resume: bool = False
 
-    @field_validator("worker_nice")
+    @field_validator("worker_nice", mode="before")
     @classmethod
-    def _nice(cls, v: int | str) -> int | str:
-        if v != "auto" and not 0 <= v <= 19:
+    def _nice(cls, v: Any) -> int | str:  # before pydantic's union, whose errors would name its `int` branch
+        if v == "auto":
+            return v
+        try:
+            n = None if isinstance(v, (bool, float)) else int(v)
+        except (TypeError, ValueError):
+            n = None
+        if n is None or not 0 <= n <= 19:
             raise ValueError("a nice increment from 0 (unchanged) to 19 (lowest priority), or `auto`")
-        return v
+        return n
 
     def resolved_worker_nice(self, device_type: str) -> int:
         """`worker_nice` with `auto` resolved: 19 on CPU, 0 elsewhere."""
