@@ -51,7 +51,7 @@ def sgd_single(tmp_path_factory) -> Path:
     """One process, global batch 12, SGD, 20 steps (checkpoints at 10 and 20)."""
     out = tmp_path_factory.mktemp("dist") / "single"
     run_cli("train", *_gpt(out, "train.batch_size=12", "optim.name=sgd", "optim.lr=0.05", "train.max_steps=20",
-                           "train.checkpoint_every=10"), env=ENV)
+                           "train.checkpoint_every=10", "train.log_every=5"), env=ENV)
     return out
 
 
@@ -61,10 +61,18 @@ def test_two_ranks_match_one_process_of_the_same_global_batch(sgd_single, tmp_pa
     across ranks, gradients synchronised only at the window's end."""
     out = tmp_path / strategy
     torchrun(*_gpt(out, "train.batch_size=3", "train.grad_accum=2", "optim.name=sgd", "optim.lr=0.05",
-                   "train.max_steps=20", "train.checkpoint_every=10", f"train.distributed.strategy={strategy}"))
+                   "train.max_steps=20", "train.checkpoint_every=10", "train.log_every=5",
+                   f"train.distributed.strategy={strategy}"))
     assert max_diff(sgd_single, out) <= 1e-4
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events].count("start") == 1  # rank 0 writes the log
+    # the logged training loss is the global batch's (not rank 0's sum over both ranks' targets, which read
+    # as half the loss), and throughput counts both ranks' examples
+    single = [json.loads(line) for line in (sgd_single / "metrics.jsonl").read_text().splitlines()]
+    losses = [[e["loss"] for e in log if e["event"] == "train"] for log in (single, events)]
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    per_step = [e["samples_per_s"] * e["step_time_s"] for e in events if e["event"] == "train"]
+    assert per_step == pytest.approx([12] * 4)
     if strategy == "fsdp":
         assert sorted(p.name for p in (out / "checkpoints" / "step-20").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
         shards = events[0]["fsdp"]

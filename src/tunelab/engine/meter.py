@@ -154,15 +154,17 @@ class FlopsCallback(Callback):
         self.seq_len = tokens_per_sample
         self.flops_per_token = 0.0
         self.peak: float | None = None
+        self.devices = 1
 
     def on_fit_start(self, trainer: Any) -> None:
         self.flops_per_token = model_flops_per_token(trainer.raw_model, self.seq_len)
         self.peak = peak_flops(trainer.device)
+        self.devices = trainer.dist.world_size  # the logged tokens/s counts every rank's tokens
 
     def _add(self, fields: dict[str, Any], tokens_per_s: float | None) -> None:
         if not tokens_per_s or not self.flops_per_token:
             return
-        achieved = tokens_per_s * self.flops_per_token
+        achieved = tokens_per_s * self.flops_per_token / self.devices
         fields["tflops"] = achieved / 1e12
         if self.peak:
             fields["mfu"] = achieved / self.peak

@@ -57,9 +57,11 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 @dataclass
 class StepResult:
-    loss_sum: torch.Tensor  # summed loss over the window's targets on this rank (detached)
+    loss_sum: torch.Tensor  # summed loss over the window's targets across all ranks (detached)
     targets: torch.Tensor  # targets in the window across all ranks
     grad_norm: torch.Tensor | None  # the total gradient norm (when clipping, or when asked for)
+    samples: int = 0  # examples in the window across all ranks
+    tokens: int | None = None  # non-padding tokens in the window across all ranks; None without tokens
 
     @property
     def finite(self) -> bool:
@@ -109,7 +111,8 @@ class TrainStep:
 
     def backward(self, micro: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over the window: the gradient is that of (summed loss) / (targets in the
-        window across ranks). Returns (loss sum on this rank, total targets)."""
+        window across ranks). Returns (loss sum on this rank, total targets); `__call__` sums the loss
+        over ranks."""
         micro = [to_device(b, self.device) for b in micro]
         counts = [self.task.count_targets(b) for b in micro]
         total = all_reduce_sum(torch.stack(counts).sum().to(self.device).float())
@@ -157,7 +160,18 @@ class TrainStep:
             loss_sum, total = self.backward(micro)
         with timed("optimizer"):
             norm = self.update(want_grad_norm)
-        return StepResult(loss_sum, total, norm)
+        samples = sum(self.task.batch_size(b) for b in micro)
+        tokens = [self.task.count_tokens(b) for b in micro]
+        n_tokens = None if tokens[0] is None else sum(t or 0 for t in tokens)
+        if self.world_size > 1:
+            # one collective for the log's figures: this rank's loss sum over the targets of all ranks would
+            # read as loss / world_size, and a loss that is non-finite on one rank must stop every rank
+            both = torch.stack([loss_sum.float(), torch.tensor(float(samples), device=loss_sum.device),
+                                torch.tensor(float(n_tokens or 0), device=loss_sum.device)])
+            loss_sum, reduced_samples, reduced_tokens = all_reduce_sum(both).unbind()
+            samples = int(reduced_samples.item())
+            n_tokens = None if n_tokens is None else int(reduced_tokens.item())
+        return StepResult(loss_sum, total, norm, samples, n_tokens)
 
 
 @contextlib.contextmanager

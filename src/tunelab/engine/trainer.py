@@ -233,10 +233,7 @@ class Trainer:
         self.batch_in_epoch += len(window.batches)
         if not result.finite:
             raise TrainingDiverged(self._divergence_message(result), self.global_step)
-        samples = sum(self.task.batch_size(b) for b in window.batches)
-        tokens = [self.task.count_tokens(b) for b in window.batches]
-        self.meter.add(float(result.loss_sum), float(result.targets), samples,
-                       None if tokens[0] is None else sum(t or 0 for t in tokens),
+        self.meter.add(float(result.loss_sum), float(result.targets), result.samples, result.tokens,
                        time.perf_counter() - t0 + window.data_s, window.data_s)
         return result
 
