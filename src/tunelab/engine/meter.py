@@ -81,7 +81,7 @@ class Meter:
         return fields
 
     def totals(self) -> dict[str, Any]:
-        """summary.json's throughput over the steps this process trained."""
+        """summary.json's throughput over the steps this process trained (every rank's examples and tokens)."""
         t = self.train_time
         return {
             "train_samples_per_s": self.samples / t if t else None,
