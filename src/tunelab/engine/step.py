@@ -166,11 +166,11 @@ class TrainStep:
         if self.world_size > 1:
             # one collective for the log's figures: this rank's loss sum over the targets of all ranks would
             # read as loss / world_size, and a loss that is non-finite on one rank must stop every rank
-            both = torch.stack([loss_sum.float(), torch.tensor(float(samples), device=loss_sum.device),
+            figures = torch.stack([loss_sum.float(), torch.tensor(float(samples), device=loss_sum.device),
                                 torch.tensor(float(n_tokens or 0), device=loss_sum.device)])
-            loss_sum, reduced_samples, reduced_tokens = all_reduce_sum(both).unbind()
-            samples = int(reduced_samples.item())
-            n_tokens = None if n_tokens is None else int(reduced_tokens.item())
+            reduced = all_reduce_sum(figures)
+            loss_sum, (samples, all_tokens) = reduced[0], map(int, reduced[1:].tolist())  # one host sync
+            n_tokens = None if n_tokens is None else all_tokens
         return StepResult(loss_sum, total, norm, samples, n_tokens)
 
 
