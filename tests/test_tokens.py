@@ -122,11 +122,17 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "final" / "model.safetensors"))
 
 
-def test_exact_resume_and_tokenizer_guard(corpus, cache, tmp_path):
+def threaded(spec: dict, threads: int) -> dict:
+    spec["train"]["batch_threads"] = threads
+    return spec
+
+
+@pytest.mark.parametrize("threads", [1, 2])  # 2: each batch's forward and backward in two threads
+def test_exact_resume_and_tokenizer_guard(corpus, cache, tmp_path, threads):
     from tunelab.run import train
 
     full = tmp_path / "full"
-    s_full = train(load_config(recipe(corpus, cache, full)))
+    s_full = train(load_config(threaded(recipe(corpus, cache, full), threads)))
     assert s_full["global_step"] == 6
     assert json.loads((full / "tokenizer" / "tunelab_tokenizer.json").read_text())["vocab_size"] == 65
     assert load_config(full / "config.yaml").model.kwargs["vocab_size"] == 65  # from the tokenizer
@@ -137,7 +143,7 @@ def test_exact_resume_and_tokenizer_guard(corpus, cache, tmp_path):
     shutil.copytree(full, part)
     shutil.rmtree(part / "checkpoints" / "step-6")
     shutil.rmtree(part / "final")
-    s_resumed = train(load_config(recipe(corpus, cache, part)), resume=True)
+    s_resumed = train(load_config(threaded(recipe(corpus, cache, part), threads)), resume=True)
     assert s_resumed["global_step"] == 6
     a, b = _final_weights(full), _final_weights(part)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -146,6 +146,14 @@ class TrainSection(Section):
     # worker stalls the whole op (ResNet-18 on 2 cores: 10-18% more images/s, docs/vision.md); the workers
     # still get every idle moment. 0 (unchanged) on accelerators, where the main process mostly waits.
     worker_nice: int | Literal["auto"] = "auto"
+    # CPU only: split each micro-batch into this many shards and run their forwards and backwards at once in
+    # as many threads, each with one intra-op thread, summing their gradients in a fixed order (the update
+    # of the whole micro-batch, up to float rounding). Small models whose ops are too small to split well
+    # across cores gain (the baby GPT on 2 cores: ~15-20% per step, docs/gpt.md). `auto`: the number of
+    # intra-op threads (at most 8) for a one-process, uncompiled CPU run of a model without BatchNorm or
+    # dropout, else 1. With dropout the masks depend on thread timing (not reproducible); BatchNorm, torchrun
+    # and compile are refused.
+    batch_threads: int | Literal["auto"] = 1
     group_by_length: bool = False
     device: str = "auto"
     distributed: DistributedSection = DistributedSection()
@@ -164,6 +172,19 @@ class TrainSection(Section):
             n = None
         if n is None or not 0 <= n <= 19:
             raise ValueError("a nice increment from 0 (unchanged) to 19 (lowest priority), or `auto`")
+        return n
+
+    @field_validator("batch_threads", mode="before")
+    @classmethod
+    def _threads(cls, v: Any) -> int | str:
+        if v == "auto":
+            return v
+        try:
+            n = None if isinstance(v, (bool, float)) else int(v)
+        except (TypeError, ValueError):
+            n = None
+        if n is None or not 1 <= n <= 256:
+            raise ValueError("a number of threads from 1 (the whole micro-batch in one thread) to 256, or `auto`")
         return n
 
     def resolved_worker_nice(self, device_type: str) -> int:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +57,95 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def resolve_batch_threads(setting: int | str, model: nn.Module, task: Any, device: torch.device, *, compiled: bool,
+                          distributed: bool) -> int:
+    """`train.batch_threads` for this run: `auto` resolved, and a number above 1 refused where sharding the
+    micro-batch over threads would change the math or cannot work (ConfigError naming the key)."""
+    if setting == 1:
+        return 1
+    refused = None
+    if device.type != "cpu":
+        refused = f"it is for CPU training (this run is on {device.type})"
+    elif distributed:
+        refused = "it is for one process without DDP or FSDP (under torchrun each rank trains its own shard)"
+    elif compiled:
+        refused = "a torch.compile'd model runs in one thread (set train.compile=false)"
+    elif any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        refused = "the model has BatchNorm, which would normalise each thread's shard on its own"
+    else:
+        refused = task.shard_refusal(model)
+    if setting == "auto":
+        dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+        return 1 if refused or dropout else max(1, min(torch.get_num_threads(), 8))
+    if refused:
+        raise ConfigError(f"`train.batch_threads` = {setting} cannot be used here: {refused}; set it to 1 or auto")
+    return int(setting)
+
+
+def split_batch(batch: Batch, n: int) -> list[Batch]:
+    """`batch` cut into at most `n` shards along its first dimension (tensors and lists of the batch's
+    length are cut, other values are shared); a batch of one example, or one it cannot cut, stays whole."""
+    sizes = {len(v) for v in batch.values() if isinstance(v, (torch.Tensor, list)) and not
+             (isinstance(v, torch.Tensor) and v.dim() == 0)}
+    if len(sizes) != 1 or (rows := sizes.pop()) < 2 or n < 2:
+        return [batch]
+    bounds = [rows * i // min(n, rows) for i in range(min(n, rows) + 1)]
+    return [{k: v[a:b] if isinstance(v, (torch.Tensor, list)) and not (isinstance(v, torch.Tensor) and v.dim() == 0)
+             else v for k, v in batch.items()} for a, b in zip(bounds, bounds[1:])]
+
+
+class ShardThreads:
+    """`n` long-lived threads, each with one intra-op thread, that run forward and backward on one shard of a
+    micro-batch each (`train.batch_threads`). The caller's own intra-op thread count is kept."""
+
+    def __init__(self, n: int):
+        self.n, self.pool = n, ThreadPoolExecutor(n, thread_name_prefix="tunelab-shard")
+        ready, before = threading.Barrier(n + 1), torch.get_num_threads()
+
+        def one_thread() -> None:
+            torch.get_num_threads()  # ATen sets up this thread's OpenMP count now, not later from the restored one
+            torch.set_num_threads(1)
+            ready.wait()
+
+        for _ in range(n):
+            self.pool.submit(one_thread)
+        ready.wait()
+        torch.set_num_threads(before)  # set_num_threads also moved the process-wide default
+
+    def map(self, fn: Callable[[Batch], Any], shards: list[Batch]) -> list[Any]:
+        return [f.result() for f in [self.pool.submit(fn, b) for b in shards]]
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """This thread's intra-op thread count set to `n` for the block."""
+    before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def add_grads(params: list[nn.Parameter], grads: tuple[torch.Tensor | None, ...]) -> None:
+    """Add one shard's gradients into `.grad`, as backward would (a gradient laid out unlike its parameter is
+    copied into the parameter's layout, the layout optimizers and DDP expect)."""
+    acc, new = [], []
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        if p.grad is None:
+            p.grad = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+        else:
+            acc.append(p.grad)
+            new.append(g)
+    if acc:
+        torch._foreach_add_(acc, new)
+
+
 @dataclass
 class StepResult:
     loss_sum: torch.Tensor  # summed loss over the window's targets across all ranks (detached)
@@ -78,6 +169,7 @@ class TrainStep:
         self.model, self.task, self.device = model, task, device
         self.autocast_dtype, self.optimizer, self.scheduler = autocast_dtype, optimizer, scheduler
         self.clip_grad_norm, self.world_size = clip_grad_norm, world_size
+        self.threads: ShardThreads | None = None  # `use_threads(n)`: each micro-batch in n shards at once
         # fp16 needs loss scaling; bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
 
@@ -88,6 +180,14 @@ class TrainStep:
         device = device or pick_device(train.device)
         return cls(model, task, device, autocast_dtype=resolve_precision(train.precision, device),
                    clip_grad_norm=train.clip_grad_norm, **kw)
+
+    def use_threads(self, n: int) -> None:
+        """Run each micro-batch as `n` shards in `n` threads (`resolve_batch_threads` says where that is
+        allowed); 1: the whole micro-batch in the calling thread."""
+        if n <= 1:
+            self.threads = None
+        elif self.threads is None or self.threads.n != n:
+            self.threads = ShardThreads(n)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -120,6 +220,8 @@ class TrainStep:
             raise DataError("a batch has no targets (are all its labels ignored?)")
         scale = self.world_size / total  # DDP and FSDP average gradients over ranks; this makes it sum / total
         loss_sum = torch.zeros((), device=self.device)
+        if self.threads is not None:
+            return self._backward_threaded(micro, scale, loss_sum), total
         for i, batch in enumerate(micro):
             with self._no_sync(i == len(micro) - 1):
                 _, part = self.forward(batch)
@@ -127,6 +229,22 @@ class TrainStep:
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_sum += part.detach()
         return loss_sum, total
+
+    def _backward_threaded(self, micro: list[Batch], scale: torch.Tensor, loss_sum: torch.Tensor) -> torch.Tensor:
+        """`backward` with each micro-batch's shards in the shard threads. Each thread takes the gradient of its
+        shard's loss with `autograd.grad`, and they are added into `.grad` in shard order, so the result does not
+        depend on which thread finishes first."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+
+        def shard_grads(batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+            _, part = self.forward(batch)
+            return part.detach(), torch.autograd.grad(part * scale, params, allow_unused=True)
+
+        for batch in micro:
+            for part, grads in self.threads.map(shard_grads, split_batch(batch, self.threads.n)):
+                add_grads(params, grads)
+                loss_sum += part
+        return loss_sum
 
     def update(self, want_grad_norm: bool = False) -> torch.Tensor | None:
         """Unscale (fp16), clip, optimizer step, zero the gradients, schedule step. Returns the gradient
@@ -156,10 +274,13 @@ class TrainStep:
         """One optimizer step over the window `micro`. `timed(phase)`, when given, times the two phases
         ("forward_backward", "optimizer"; the Trainer's Meter)."""
         timed = timed or (lambda phase: contextlib.nullcontext())
-        with timed("forward_backward"):
-            loss_sum, total = self.backward(micro)
-        with timed("optimizer"):
-            norm = self.update(want_grad_norm)
+        # with shard threads this thread only waits, then updates: one intra-op thread here, so that no idle
+        # OpenMP team of this thread spins on the cores the shard threads need (measured: ~15% of a step)
+        with intra_op_threads(1) if self.threads is not None else contextlib.nullcontext():
+            with timed("forward_backward"):
+                loss_sum, total = self.backward(micro)
+            with timed("optimizer"):
+                norm = self.update(want_grad_norm)
         samples = sum(self.task.batch_size(b) for b in micro)
         tokens = [self.task.count_tokens(b) for b in micro]
         n_tokens = None if tokens[0] is None else sum(t or 0 for t in tokens)

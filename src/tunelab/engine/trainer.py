@@ -46,7 +46,7 @@ from tunelab.engine.distributed import DistInfo, all_reduce_sum, init_distribute
 from tunelab.engine.meter import Meter
 from tunelab.engine.progress import Progress
 from tunelab.engine.rundir import claim_run_dir
-from tunelab.engine.step import StepResult, TrainStep, pick_device, to_device
+from tunelab.engine.step import StepResult, TrainStep, pick_device, resolve_batch_threads, to_device
 from tunelab.errors import ConfigError, DataError, TrainingDiverged, TunelabError
 from tunelab.io import atomic_write_text, write_dir_atomically
 from tunelab.models import keeps_adapters, save_model_folder
@@ -149,6 +149,8 @@ class Trainer:
         self.raw_model = model if meta else model.to(self.device)
         self.model: nn.Module = self.raw_model  # compiled and/or DDP-wrapped in fit
         self.step = TrainStep.for_run(self.model, task, self.train_cfg, self.device, world_size=self.dist.world_size)
+        self.batch_threads = resolve_batch_threads(self.train_cfg.batch_threads, model, task, self.device,
+                                                   compiled=self.train_cfg.compile, distributed=self.dist.initialized)
         self.callbacks: list[Callback] = list(callbacks)
         self.monitor = self.eval_cfg.monitor
         self.monitor_mode = self.eval_cfg.mode or (task.monitor_mode(self.monitor) if self.monitor else "max")
@@ -360,6 +362,9 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         self.step.model = self.model
+        self.step.use_threads(self.batch_threads)
+        if self.batch_threads > 1:
+            self.log_on_start["batch_threads"] = self.batch_threads
 
     def _train_sampler(self) -> ResumableBatchSampler:
         kw = dict(seed=self.train_cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size)

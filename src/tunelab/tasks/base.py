@@ -45,6 +45,12 @@ class Task:
         kwargs = {k: batch[k] for k in self.model_input_keys if k in batch}
         return model_outputs(model(**kwargs))
 
+    def shard_refusal(self, model: nn.Module) -> str | None:
+        """Why this task's forward cannot run on shards of a batch in several threads at once
+        (`train.batch_threads`), or None: the loss must be a sum over the batch's rows, and the forward
+        must leave the shared model alone."""
+        return None
+
     def count_targets(self, batch: Batch) -> torch.Tensor:
         """How many targets this batch contributes to the loss normaliser (a float tensor)."""
         return torch.tensor(float(len(batch["labels"])))

@@ -130,6 +130,12 @@ class CausalLMTask(Task):
         with target_rows(head, rows):
             return super().forward(model, batch)
 
+    def shard_refusal(self, model: nn.Module) -> str | None:
+        if self.target_logits and output_head(model) is not None:
+            return ("the causal_lm task narrows this model's output head to each batch's target rows, state "
+                    "that threads would share (task.target_logits=false lifts it)")
+        return None
+
     def count_targets(self, batch: Batch) -> torch.Tensor:
         return (batch["labels"] != self.loss_cfg.ignore_index).sum().float()
 

@@ -121,6 +121,10 @@ class PreferenceTask(Task):
         sums = token_logps.new_zeros(n).index_add(0, segment, token_logps)
         return sums, torch.bincount(segment, minlength=n).float()
 
+    def shard_refusal(self, model: nn.Module) -> str | None:
+        return (f"the {self.name} task scores pairs through the output head narrowed per batch (and DPO with "
+                f"LoRA disables the adapters for the reference), state that threads would share")
+
     def forward(self, model: nn.Module, batch: Batch) -> PairLogps:
         logps, tokens = self.sequence_log_probs(model, batch)
         out = PairLogps(logps[0::2], logps[1::2], tokens[0::2], tokens[1::2])
