@@ -21,6 +21,10 @@ Each side runs in its own subprocess, one after the other, on the same machine i
                  engine-overhead baseline (`overhead_ratio` = ours / plain_loop tokens/s).
 - `ours_fsdp`:   `ours` with `train.distributed.strategy=fsdp` on a 1-rank process group (the sharded
                  engine's overhead: `fsdp_ratio` = ours_fsdp / ours tokens/s).
+- `ours_one_thread`: `ours` with `train.batch_threads=1` (the recipe's `auto` runs each batch as shards in
+                 as many threads as there are intra-op threads; the plain loop runs the whole batch in one):
+                 `batch_threads_gain` = ours / ours_one_thread, `overhead_one_thread` = ours_one_thread /
+                 plain_loop (the engine's overhead alone).
 (The former `eager_ref`, a re-typed nanoGPT-style loop, is gone: the `nanogpt` side runs the real code.)
 
 tokens_per_s: tokens per step / mean step time over the steady steps, the same rule on every side: the
@@ -71,6 +75,8 @@ RATIOS = {  # name: (numerator side, denominator side)
     "speedup_vs_nanogpt": ("ours", "nanogpt"),
     "overhead_ratio": ("ours", "plain_loop"),
     "fsdp_ratio": ("ours_fsdp", "ours"),
+    "batch_threads_gain": ("ours", "ours_one_thread"),
+    "overhead_one_thread": ("ours_one_thread", "plain_loop"),
 }
 
 
@@ -184,7 +190,7 @@ def ours_tokens_per_s(events: list[dict], steps: int) -> float:
     return steady_tokens_per_s(windows, warmup_steps(steps))
 
 
-def run_ours(args: argparse.Namespace, out: Path, fsdp: bool = False) -> dict:
+def run_ours(args: argparse.Namespace, out: Path, fsdp: bool = False, one_thread: bool = False) -> dict:
     """`tunelab train` on the recipe in its own process, as a user runs it; figures from its run folder."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     if args.ours_malloc == "system":
@@ -198,6 +204,8 @@ def run_ours(args: argparse.Namespace, out: Path, fsdp: bool = False) -> dict:
             port = s.getsockname()[1]
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="localhost", MASTER_PORT=str(port))
         extra = ["train.distributed.strategy=fsdp"]
+    if one_thread:
+        extra.append("train.batch_threads=1")
     cmd = [sys.executable, "-m", "tunelab.cli", "train", str(RECIPE), *overrides(args, out), *extra]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -368,8 +376,8 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        if args.side in ("ours", "ours_fsdp"):
-            result = run_ours(args, out, fsdp=args.side == "ours_fsdp")
+        if args.side in ("ours", "ours_fsdp", "ours_one_thread"):
+            result = run_ours(args, out, fsdp=args.side == "ours_fsdp", one_thread=args.side == "ours_one_thread")
         elif args.side == "nanogpt":
             result = run_nanogpt(args, Path(args.scratch))
         elif args.side == "plain_loop":
@@ -377,7 +385,7 @@ def child(args: argparse.Namespace) -> None:
 
             result = {**run_plain(args, out), "malloc": active()}
         else:
-            raise SystemExit(f"unknown side {args.side!r}; known: ours, nanogpt, plain_loop, ours_fsdp")
+            raise SystemExit(f"unknown side {args.side!r}; known: ours, nanogpt, plain_loop, ours_fsdp, ours_one_thread")
     print(json.dumps({"side": args.side, **result, "wall_s": time.perf_counter() - t0}), flush=True)
 
 

@@ -119,6 +119,19 @@ class DistributedSection(Section):
     timeout_s: int = Field(1800, gt=0)
 
 
+def _int_or_auto(v: Any, low: int, high: int, expected: str) -> int | str:
+    """`auto`, or a whole number in [low, high] (not a bool or a float); else a ValueError saying `expected`."""
+    if v == "auto":
+        return v
+    try:
+        n = None if isinstance(v, (bool, float)) else int(v)
+    except (TypeError, ValueError):
+        n = None
+    if n is None or not low <= n <= high:
+        raise ValueError(expected)
+    return n
+
+
 class TrainSection(Section):
     epochs: int | None = Field(None, gt=0)
     max_steps: int | None = Field(None, gt=0)
@@ -164,28 +177,13 @@ class TrainSection(Section):
     @field_validator("worker_nice", mode="before")
     @classmethod
     def _nice(cls, v: Any) -> int | str:  # before pydantic's union, whose errors would name its `int` branch
-        if v == "auto":
-            return v
-        try:
-            n = None if isinstance(v, (bool, float)) else int(v)
-        except (TypeError, ValueError):
-            n = None
-        if n is None or not 0 <= n <= 19:
-            raise ValueError("a nice increment from 0 (unchanged) to 19 (lowest priority), or `auto`")
-        return n
+        return _int_or_auto(v, 0, 19, "a nice increment from 0 (unchanged) to 19 (lowest priority), or `auto`")
 
     @field_validator("batch_threads", mode="before")
     @classmethod
     def _threads(cls, v: Any) -> int | str:
-        if v == "auto":
-            return v
-        try:
-            n = None if isinstance(v, (bool, float)) else int(v)
-        except (TypeError, ValueError):
-            n = None
-        if n is None or not 1 <= n <= 256:
-            raise ValueError("a number of threads from 1 (the whole micro-batch in one thread) to 256, or `auto`")
-        return n
+        return _int_or_auto(v, 1, 256, "a number of threads from 1 (the whole micro-batch in one thread) to 256, "
+                                       "or `auto`")
 
     def resolved_worker_nice(self, device_type: str) -> int:
         """`worker_nice` with `auto` resolved: 19 on CPU, 0 elsewhere."""
