@@ -12,6 +12,7 @@ from tunelab.config import load_config
 from tunelab.engine.step import TrainStep, resolve_batch_threads, split_batch
 from tunelab.errors import ConfigError
 from tunelab.models import create_model
+from tunelab.tasks.base import Task
 from tunelab.tasks.causal_lm import CausalLMTask
 from tunelab.tasks.classification import ClassificationTask
 
@@ -53,6 +54,37 @@ def test_threads_give_the_one_thread_update():
     assert losses_one[-1] < losses_one[0]  # it trains
     for (name, a), b in zip(one.named_parameters(), two.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+class _Shared(nn.Module):
+    """`a + b`: autograd hands both parameters the same gradient tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.full((3,), 2.0))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs * (self.a + self.b)
+
+
+class _SquaredError(Task):
+    def loss_sum(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+        return ((outputs - batch["labels"]) ** 2).sum()
+
+
+def test_parameters_handed_one_gradient_tensor_get_their_own():
+    """Clipping scales every `.grad` in place and the second shard adds into them: a shared tensor would be
+    scaled and added twice."""
+    grads = {}
+    for threads in (1, 2):
+        model = _Shared()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        step = TrainStep(model, _SquaredError(), CPU, optimizer=opt, clip_grad_norm=0.5)
+        step.use_threads(threads)
+        step([{"inputs": torch.arange(12.0).view(4, 3), "labels": torch.zeros(4, 3)}])
+        grads[threads] = [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(grads[1], grads[2]):
+        torch.testing.assert_close(b, a)
 
 
 def test_threaded_runs_are_bit_identical():

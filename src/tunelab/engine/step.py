@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -82,16 +83,18 @@ def resolve_batch_threads(setting: int | str, model: nn.Module, task: Any, devic
     return int(setting)
 
 
+def _cuttable(v: Any) -> bool:
+    return isinstance(v, list) or (isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
 def split_batch(batch: Batch, n: int) -> list[Batch]:
     """`batch` cut into at most `n` shards along its first dimension (tensors and lists of the batch's
     length are cut, other values are shared); a batch of one example, or one it cannot cut, stays whole."""
-    sizes = {len(v) for v in batch.values() if isinstance(v, (torch.Tensor, list)) and not
-             (isinstance(v, torch.Tensor) and v.dim() == 0)}
+    sizes = {len(v) for v in batch.values() if _cuttable(v)}
     if len(sizes) != 1 or (rows := sizes.pop()) < 2 or n < 2:
         return [batch]
     bounds = [rows * i // min(n, rows) for i in range(min(n, rows) + 1)]
-    return [{k: v[a:b] if isinstance(v, (torch.Tensor, list)) and not (isinstance(v, torch.Tensor) and v.dim() == 0)
-             else v for k, v in batch.items()} for a, b in zip(bounds, bounds[1:])]
+    return [{k: v[a:b] if _cuttable(v) else v for k, v in batch.items()} for a, b in zip(bounds, bounds[1:])]
 
 
 class ShardThreads:
@@ -100,6 +103,7 @@ class ShardThreads:
 
     def __init__(self, n: int):
         self.n, self.pool = n, ThreadPoolExecutor(n, thread_name_prefix="tunelab-shard")
+        weakref.finalize(self, self.pool.shutdown, wait=False)  # the threads end with the step that owns them
         ready, before = threading.Barrier(n + 1), torch.get_num_threads()
 
         def one_thread() -> None:
@@ -131,14 +135,20 @@ def intra_op_threads(n: int) -> Iterator[None]:
 
 
 def add_grads(params: list[nn.Parameter], grads: tuple[torch.Tensor | None, ...]) -> None:
-    """Add one shard's gradients into `.grad`, as backward would (a gradient laid out unlike its parameter is
-    copied into the parameter's layout, the layout optimizers and DDP expect)."""
-    acc, new = [], []
+    """Add one shard's gradients into `.grad`, as backward's AccumulateGrad would. A gradient becomes a
+    `.grad` as it is only when it has its parameter's layout and no other parameter's `.grad` shares its
+    memory (`a + b` hands both the same tensor, and clipping and the next shard's add work in place);
+    otherwise it is copied."""
+    acc, new, taken = [], [], set()
     for p, g in zip(params, grads):
         if g is None:
             continue
         if p.grad is None:
-            p.grad = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+            memory = g.untyped_storage().data_ptr()
+            if g.stride() != p.stride() or memory in taken:
+                g = torch.empty_like(p).copy_(g)
+            taken.add(g.untyped_storage().data_ptr())
+            p.grad = g
         else:
             acc.append(p.grad)
             new.append(g)
