@@ -162,7 +162,7 @@ class TrainSection(Section):
     # CPU only: split each micro-batch into this many shards and run their forwards and backwards at once in
     # as many threads, each with one intra-op thread, summing their gradients in a fixed order (the update
     # of the whole micro-batch, up to float rounding). Small models whose ops are too small to split well
-    # across cores gain (the baby GPT on 2 cores: ~15-20% per step, docs/gpt.md). `auto`: the number of
+    # across cores gain (the baby GPT on 2 cores: 11-37% more tokens/s, docs/gpt.md). `auto`: the number of
     # intra-op threads (at most 8) for a one-process, uncompiled CPU run of a model without BatchNorm or
     # dropout, else 1. With dropout the masks depend on thread timing (not reproducible); BatchNorm, torchrun
     # and compile are refused.
