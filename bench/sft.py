@@ -11,7 +11,8 @@ completion-only loss, max length, micro-batch, accumulation, steps, constant LR,
 Differences that are each tool's own defaults: TRL default = no packing, gradient checkpointing on (its
 default); TRL tuned = `packing=True` (BFD, padding-free position_ids) and checkpointing off; tunelab = its
 defaults (packing on, checkpointing on, the fused head + loss, and mimalloc as the malloc, which `tunelab train` preloads on
-Linux; `--ours-malloc system` turns that off, `--peer-malloc mimalloc` gives it to the TRL sides too).
+Linux; `--ours-malloc system` turns that off, `--peer-malloc mimalloc` gives it to the TRL sides too), plus the SFT
+recipe's `train.batch_threads: auto` (each micro-batch in shards over the cores; `--ours-batch-threads 1` turns it off).
 
 Measured per side: `tokens_per_s` = non-padding tokens fed to the model / wall time from the first to the
 last training step (model loading, tokenisation and evaluation excluded); `peak_rss_mb` = the process's
@@ -56,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--ours-checkpointing", choices=["default", "false", "true", "selective"], default="default",
         help="tunelab's model.gradient_checkpointing (default: tunelab's own default)",
+    )
+    p.add_argument(
+        "--ours-batch-threads", default="auto",
+        help="tunelab's train.batch_threads (default: auto, as the SFT recipe sets it; 1: one thread per batch)",
     )
     p.add_argument(
         "--peer-malloc", choices=["system", "mimalloc"], default="system",
@@ -277,6 +282,7 @@ def run_ours(args: argparse.Namespace) -> dict:
                 "seed": args.seed,
                 "log_every": 1000,
                 "precision": "bf16" if args.bf16 else "fp32",
+                "batch_threads": int(t) if (t := args.ours_batch_threads).isdigit() else t,
             },
             "output": {"dir": str(tmp / "run"), "progress": False, "tensorboard": False},
             "doctor": {"enabled": False},
@@ -474,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
     final["config"] = {
         k: getattr(args, k)
         for k in ("steps", "batch_size", "grad_accum", "max_length", "lr", "eval_size", "seed", "ours_checkpointing",
-                  "peer_malloc", "ours_malloc", "repeats")
+                  "peer_malloc", "ours_malloc", "ours_batch_threads", "repeats")
     }
     print(json.dumps(final))
 

@@ -4,6 +4,8 @@ every run, and refused where threads would share state or change the math."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 import torch.nn as nn
@@ -12,6 +14,7 @@ from tunelab.config import load_config
 from tunelab.engine.step import TrainStep, resolve_batch_threads, split_batch
 from tunelab.errors import ConfigError
 from tunelab.models import create_model
+from tunelab.models.dropout import use_fast_dropout
 from tunelab.tasks.base import Task
 from tunelab.tasks.causal_lm import CausalLMTask
 from tunelab.tasks.classification import ClassificationTask
@@ -128,31 +131,150 @@ class _WithHead(nn.Module):
         return self.head
 
 
+class _Preference(Task):
+    def shard_refusal(self, model: nn.Module) -> str | None:
+        return "pairs share state"
+
+
 def test_auto_and_refusals(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     lm = CausalLMTask()
 
-    def resolve(setting, model, task=lm, device=CPU, compiled=False, distributed=False):
-        return resolve_batch_threads(setting, model, task, device, compiled=compiled, distributed=distributed)
+    def resolve(setting, model, task=lm, device=CPU, compiled=False, distributed=False, fast_dropout=True):
+        return resolve_batch_threads(setting, model, task, device, compiled=compiled, distributed=distributed,
+                                     fast_dropout=fast_dropout)
 
     assert resolve("auto", gpt()) == 2
     assert resolve(3, gpt()) == 3
-    assert resolve("auto", gpt(dropout=0.1)) == 1  # masks would depend on thread timing
-    assert resolve(2, gpt(dropout=0.1)) == 2  # asked for: allowed (docs say it is not reproducible)
+    assert resolve("auto", gpt(dropout=0.1)) == 2  # tunelab's dropout: one mask generator per shard
+    assert resolve("auto", _WithHead()) == 2  # the head is narrowed per thread
+    own = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1))  # may checkpoint without replaying the masks
+    assert resolve("auto", own, task=ClassificationTask()) == 1
+    assert resolve(2, own, task=ClassificationTask()) == 2  # asked for: allowed (the docs say when it is safe)
     bn = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     refused = {
         "BatchNorm": dict(model=bn, task=ClassificationTask()),
         "CPU training": dict(model=gpt(), device=torch.device("cuda")),
         "one process": dict(model=gpt(), distributed=True),
         "torch.compile": dict(model=gpt(), compiled=True),
-        "output head": dict(model=_WithHead()),
+        "pairs share state": dict(model=gpt(), task=_Preference()),
+        r"`drop` \(Dropout\) draws its mask from torch's generator.*train.fast_dropout=true":
+            dict(model=gpt(dropout=0.1), fast_dropout=False),
+        "`1` \\(Dropout\\) draws": dict(model=nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1, inplace=True))),
+        "attention dropout": dict(model=_Attention(0.1), fast_dropout=False),
     }
     for why, kw in refused.items():
         model = kw.pop("model")
         assert resolve("auto", model, **kw) == 1
         with pytest.raises(ConfigError, match=rf"`train.batch_threads` = 2 cannot be used here: .*{why}"):
             resolve(2, model, **kw)
-    assert resolve(2, _WithHead(), task=CausalLMTask(target_logits=False)) == 2
+
+
+class _Attention(nn.Module):
+    """Attention dropout without a dropout module (an sdpa `dropout_p`), as tunelab's GPT attention has."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.dropout = p
+
+
+def test_hf_checkpointing_not_set_up_by_tunelab_is_refused():
+    from tunelab.models.checkpointing import plain_checkpoint_kwargs
+
+    model = tiny_llama_lora(dropout=0.1)
+    model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(ConfigError, match="activation checkpointing was not set up by tunelab"):
+        resolve_batch_threads(2, model, CausalLMTask(), CPU, compiled=False, distributed=False)
+    model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs=plain_checkpoint_kwargs())
+    assert resolve_batch_threads(2, model, CausalLMTask(), CPU, compiled=False, distributed=False) == 2
+
+
+def gpt_dropout_steps(checkpointing: bool, threads: int = 2) -> list[torch.Tensor]:
+    """Two AdamW steps of a GPT with tunelab's dropout (p = 0.2, attention too) over 6-row micro-batches."""
+    torch.manual_seed(0)
+    model = create_model("gpt", size=None, n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=40,
+                         dropout=0.2, activation_checkpointing=checkpointing).train()
+    assert use_fast_dropout(model) > 0
+    step = TrainStep(model, CausalLMTask(), CPU, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+    step.use_threads(threads)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        step([{"input_ids": torch.randint(0, 40, (6, 16), generator=g),
+               "labels": torch.randint(0, 40, (6, 16), generator=g)}])
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_dropout_under_threads_is_reproducible_and_checkpoints_replay_its_masks(monkeypatch):
+    """Each shard draws its masks from its own generator, seeded in shard order: the same bits on every run,
+    and an activation checkpoint's recompute draws the masks the forward drew (else the gradient is that
+    of other masks)."""
+    plain = gpt_dropout_steps(checkpointing=False)
+    assert all(torch.equal(a, b) for a, b in zip(plain, gpt_dropout_steps(checkpointing=False)))
+    replayed = gpt_dropout_steps(checkpointing=True)
+    for a, b in zip(plain, replayed):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    # the check can fail: a checkpoint that does not replay the shard's generator recomputes other masks
+    import tunelab.models.checkpointing as checkpointing
+
+    monkeypatch.setattr(checkpointing, "replaying_masks", lambda inner=None: (lambda: (nullcontext(), nullcontext())))
+    wrong = gpt_dropout_steps(checkpointing=True)
+    assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-4) for a, b in zip(plain, wrong))
+
+
+def tiny_llama_lora(dropout: float = 0.0) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunelab.strategies.lora import LoRA
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False, attn_implementation="sdpa")  # fmt: skip
+    model, _ = LoRA(r=4, alpha=8, dropout=dropout, target_modules="all-linear").setup(LlamaForCausalLM(config))
+    return model.train()
+
+
+def sft_steps(threads: int, dropout: float = 0.0, selective: bool = False) -> tuple[list[float], list[torch.Tensor]]:
+    """Two AdamW steps of LoRA SFT on a tiny Llama through the fused head (narrowed to the target rows per
+    thread), prompts masked, over 4-row micro-batches."""
+    from tunelab.models.checkpointing import selective_checkpoint_kwargs
+
+    model = tiny_llama_lora(dropout)
+    if selective:
+        model.get_base_model().activation_checkpointing_enable(
+            activation_checkpointing_kwargs=selective_checkpoint_kwargs(min_inner=32))
+    use_fast_dropout(model)
+    task = CausalLMTask()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    step = TrainStep(model, task, CPU, optimizer=torch.optim.AdamW(trainable, lr=1e-2), clip_grad_norm=1.0)
+    step.use_threads(threads)
+    g, losses = torch.Generator().manual_seed(1), []
+    for _ in range(2):
+        ids = torch.randint(0, 300, (4, 24), generator=g)
+        labels = ids.roll(-1, dims=1)
+        labels[:, :9] = -100
+        labels[3, 15:] = -100
+        r = step([{"input_ids": ids, "labels": labels}])
+        losses.append(float(r.loss_sum / r.targets))
+    assert task.fused_loss  # the fused head ran (in both threads at once when threaded)
+    return losses, [p.detach().clone() for p in trainable]
+
+
+def test_sft_through_the_narrowed_head_gives_the_one_thread_update():
+    losses_one, one = sft_steps(1)
+    losses_two, two = sft_steps(2)
+    assert losses_two == pytest.approx(losses_one, rel=1e-5)
+    for a, b in zip(one, two):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_sft_with_lora_dropout_and_selective_checkpointing_under_threads():
+    losses, plain = sft_steps(2, dropout=0.1)
+    again, replayed = sft_steps(2, dropout=0.1, selective=True)
+    assert again == pytest.approx(losses, rel=1e-5)
+    for a, b in zip(plain, replayed):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert losses != sft_steps(2, dropout=0.0)[0]  # the dropout ran
 
 
 BASE = {"name": "t", "model": {"name": "gpt"}, "data": {"name": "tokens", "path": "x.txt"}}

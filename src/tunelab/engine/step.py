@@ -25,6 +25,8 @@ import torch.nn as nn
 from tunelab.config import TrainSection
 from tunelab.engine.distributed import all_reduce_sum
 from tunelab.errors import ConfigError, DataError
+from tunelab.models.dropout import has_dropout, mask_generator, shared_generator_dropout
+from tunelab.weights import unwrap_model
 
 Batch = dict[str, Any]
 
@@ -59,9 +61,11 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def resolve_batch_threads(setting: int | str, model: nn.Module, task: Any, device: torch.device, *, compiled: bool,
-                          distributed: bool) -> int:
+                          distributed: bool, fast_dropout: bool = True) -> int:
     """`train.batch_threads` for this run: `auto` resolved, and a number above 1 refused where sharding the
-    micro-batch over threads would change the math or cannot work (ConfigError naming the key)."""
+    micro-batch over threads would change the math or cannot work (ConfigError naming the key).
+    `fast_dropout`: whether the run will swap in tunelab's dropout (`train.fast_dropout` on CPU), whose
+    masks each shard thread draws from its own generator."""
     if setting == 1:
         return 1
     refused = None
@@ -73,11 +77,15 @@ def resolve_batch_threads(setting: int | str, model: nn.Module, task: Any, devic
         refused = "a torch.compile'd model runs in one thread (set train.compile=false)"
     elif any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         refused = "the model has BatchNorm, which would normalise each thread's shard on its own"
+    elif shared := shared_generator_dropout(model, fast_dropout):
+        refused = (f"{shared}, so masks would depend on thread timing and activation checkpointing could "
+                   "recompute with another thread's masks (train.fast_dropout=true, or p=0, lifts it)")
     else:
         refused = task.shard_refusal(model)
     if setting == "auto":
-        dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
-        return 1 if refused or dropout else max(1, min(torch.get_num_threads(), 8))
+        # a model of the user's own may checkpoint without `replaying_masks`; with dropout only known ones
+        known = type(unwrap_model(model)).__module__.split(".")[0] in ("tunelab", "transformers", "peft")
+        return 1 if refused or (has_dropout(model) and not known) else max(1, min(torch.get_num_threads(), 8))
     if refused:
         raise ConfigError(f"`train.batch_threads` = {setting} cannot be used here: {refused}; set it to 1 or auto")
     return int(setting)
@@ -180,6 +188,7 @@ class TrainStep:
         self.autocast_dtype, self.optimizer, self.scheduler = autocast_dtype, optimizer, scheduler
         self.clip_grad_norm, self.world_size = clip_grad_norm, world_size
         self.threads: ShardThreads | None = None  # `use_threads(n)`: each micro-batch in n shards at once
+        self.mask_seeds = False  # each shard's dropout masks from its own generator (models/dropout.py)
         # fp16 needs loss scaling; bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
 
@@ -193,11 +202,13 @@ class TrainStep:
 
     def use_threads(self, n: int) -> None:
         """Run each micro-batch as `n` shards in `n` threads (`resolve_batch_threads` says where that is
-        allowed); 1: the whole micro-batch in the calling thread."""
+        allowed); 1: the whole micro-batch in the calling thread. A model with dropout gets one mask seed
+        per shard, drawn in shard order from torch's generator (so `train.seed` and resume replay them)."""
         if n <= 1:
             self.threads = None
         elif self.threads is None or self.threads.n != n:
             self.threads = ShardThreads(n)
+        self.mask_seeds = n > 1 and has_dropout(self.model)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -246,12 +257,16 @@ class TrainStep:
         depend on which thread finishes first."""
         params = [p for p in self.model.parameters() if p.requires_grad]
 
-        def shard_grads(batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
-            _, part = self.forward(batch)
-            return part.detach(), torch.autograd.grad(part * scale, params, allow_unused=True)
+        def shard_grads(job: tuple[Batch, int | None]) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+            batch, seed = job
+            with mask_generator(seed) if seed is not None else contextlib.nullcontext():
+                _, part = self.forward(batch)
+                return part.detach(), torch.autograd.grad(part * scale, params, allow_unused=True)
 
         for batch in micro:
-            for part, grads in self.threads.map(shard_grads, split_batch(batch, self.threads.n)):
+            shards = split_batch(batch, self.threads.n)
+            seeds = torch.randint(0, 2**63 - 1, (len(shards),)).tolist() if self.mask_seeds else [None] * len(shards)
+            for part, grads in self.threads.map(shard_grads, list(zip(shards, seeds))):
                 add_grads(params, grads)
                 loss_sum += part
         return loss_sum

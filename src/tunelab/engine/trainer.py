@@ -150,7 +150,8 @@ class Trainer:
         self.model: nn.Module = self.raw_model  # compiled and/or DDP-wrapped in fit
         self.step = TrainStep.for_run(self.model, task, self.train_cfg, self.device, world_size=self.dist.world_size)
         self.batch_threads = resolve_batch_threads(self.train_cfg.batch_threads, model, task, self.device,
-                                                   compiled=self.train_cfg.compile, distributed=self.dist.initialized)
+                                                   compiled=self.train_cfg.compile, distributed=self.dist.initialized,
+                                                   fast_dropout=self._fast_dropout)
         self.callbacks: list[Callback] = list(callbacks)
         self.monitor = self.eval_cfg.monitor
         self.monitor_mode = self.eval_cfg.mode or (task.monitor_mode(self.monitor) if self.monitor else "max")
@@ -326,6 +327,11 @@ class Trainer:
         self.progress = Progress(self._progress_mode(), self.total_steps, self.global_step)
 
     @property
+    def _fast_dropout(self) -> bool:
+        """tunelab's dropout takes the model's `nn.Dropout`s (`train.fast_dropout`, eager CPU runs)."""
+        return self.train_cfg.fast_dropout and self.device.type == "cpu" and not self.train_cfg.compile
+
+    @property
     def sharded(self) -> bool:
         """Parameters, gradients and optimizer state sharded over the ranks (`train.distributed.strategy: fsdp`)."""
         return self.dist.initialized and self.train_cfg.distributed.strategy == "fsdp"
@@ -348,7 +354,7 @@ class Trainer:
                                      "param_bytes_model": fsdp.param_bytes_full(self.raw_model)}
 
     def _wrap_model(self) -> None:
-        if self.train_cfg.fast_dropout and self.device.type == "cpu" and not self.train_cfg.compile:
+        if self._fast_dropout:
             swapped = use_fast_dropout(self.raw_model)
             if swapped:
                 self.log_on_start["fast_dropout"] = swapped

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from tunelab.models.dropout import checkpoint_inner_context, replaying_masks
+
 _MATMULS = {"mm", "addmm", "bmm", "baddbmm"}
 _ATTENTION = {
     "_scaled_dot_product_flash_attention_for_cpu",
@@ -40,15 +42,23 @@ def _policy(min_inner: int, ctx: Any, op: Any, *args: Any, **kwargs: Any):
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def plain_checkpoint_kwargs() -> dict[str, Any]:
+    """Keyword arguments for `torch.utils.checkpoint.checkpoint` that keep only the input (non-reentrant:
+    works with frozen embeddings, e.g. LoRA), and replay a shard thread's dropout masks."""
+    return {"use_reentrant": False, "context_fn": replaying_masks()}
+
+
 def selective_checkpoint_kwargs(min_inner: int = 128) -> dict[str, Any]:
     """Keyword arguments for `torch.utils.checkpoint.checkpoint` that save matmul and attention outputs."""
     import inspect
 
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
+    policy = functools.partial(_policy, min_inner)
     kwargs: dict[str, Any] = {
         "use_reentrant": False,
-        "context_fn": functools.partial(create_selective_checkpoint_contexts, functools.partial(_policy, min_inner)),
+        # the recompute replays a shard thread's dropout masks (models/dropout.py)
+        "context_fn": replaying_masks(functools.partial(create_selective_checkpoint_contexts, policy)),
     }
     if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters:
         # The outputs the policy keeps stay outside saved-tensor hooks (the plan's probe counts them
@@ -60,6 +70,6 @@ def selective_checkpoint_kwargs(min_inner: int = 128) -> dict[str, Any]:
 def selective_policy(checkpoint_fn: Any) -> Any:
     """The policy inside a checkpoint function built with `selective_checkpoint_kwargs` (e.g. a Hugging Face
     layer's `_gradient_checkpointing_func`), or None for plain checkpointing."""
-    context_fn = getattr(checkpoint_fn, "keywords", {}).get("context_fn")
+    context_fn = checkpoint_inner_context(getattr(checkpoint_fn, "keywords", {}).get("context_fn"))
     policy = getattr(context_fn, "args", (None,))[0]  # partial(create_selective_checkpoint_contexts, policy)
     return policy if callable(policy) else None

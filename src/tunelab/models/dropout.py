@@ -21,10 +21,21 @@ Tensors on other devices and `torch.compile`d code take torch's own dropout.
 `use_fast_dropout(model)` swaps every `nn.Dropout` of a model for `Dropout` (a subclass, so code that
 checks `isinstance(m, nn.Dropout)` still sees one) and routes the attention-probability dropout of
 Hugging Face models that use `sdpa` through the same mask.
+
+Shard threads (`train.batch_threads`) run several forwards at once. torch's default generator is one for
+the process, so masks drawn from it would depend on which thread draws first, and an activation checkpoint
+(which restores that generator before it recomputes) would replay another thread's masks in backward:
+wrong gradients. So each shard thread draws its masks from its own generator (`mask_generator(seed)`, the
+seeds drawn in shard order by the calling thread), and checkpoints made with `replaying_masks()` as their
+`context_fn` put that generator back before they recompute, as torch does for its own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -33,13 +44,74 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MARK = "tunelab_fast_dropout"  # set on attention modules whose sdpa call takes the fast path
+_local = threading.local()  # .generator: this thread's mask generator while it runs a batch shard
+
+
+@contextlib.contextmanager
+def mask_generator(seed: int) -> Iterator[torch.Generator]:
+    """While active, this thread's fast-dropout masks come from its own generator seeded with `seed` instead
+    of torch's default generator (which all threads share)."""
+    before = getattr(_local, "generator", None)
+    _local.generator = torch.Generator().manual_seed(seed)
+    try:
+        yield _local.generator
+    finally:
+        _local.generator = before
+
+
+@contextlib.contextmanager
+def _replay(generator: torch.Generator, state: torch.Tensor) -> Iterator[None]:
+    """`generator` as this thread's mask generator, at `state`, for the block; both put back afterwards."""
+    before, now = getattr(_local, "generator", None), generator.get_state()
+    _local.generator = generator
+    generator.set_state(state)
+    try:
+        yield
+    finally:
+        generator.set_state(now)
+        _local.generator = before
+
+
+@contextlib.contextmanager
+def _both(first: Any, second: Any) -> Iterator[None]:
+    with first, second:
+        yield
+
+
+def _replaying_contexts(inner: Callable[[], tuple[Any, Any]] | None) -> tuple[Any, Any]:
+    forward, recompute = inner() if inner is not None else (contextlib.nullcontext(), contextlib.nullcontext())
+    generator = getattr(_local, "generator", None)
+    if generator is None:  # masks from torch's default generator, which the checkpoint restores itself
+        return forward, recompute
+    return forward, _both(recompute, _replay(generator, generator.get_state()))
+
+
+def replaying_masks(inner: Callable[[], tuple[Any, Any]] | None = None) -> Callable[[], tuple[Any, Any]]:
+    """A `context_fn` for `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`: the recompute draws
+    the same masks as the forward did in a shard thread (see the module docstring). `inner`: another
+    context_fn to combine with (selective checkpointing's)."""
+    return functools.partial(_replaying_contexts, inner)
+
+
+def checkpoint_inner_context(context_fn: Any) -> Any:
+    """The context_fn `replaying_masks` wraps, or `context_fn` itself when it is not one."""
+    if isinstance(context_fn, functools.partial) and context_fn.func is _replaying_contexts:
+        return context_fn.args[0]
+    return context_fn
+
+
+def replays_masks(checkpoint_fn: Any) -> bool:
+    """Whether a checkpoint function (a Hugging Face layer's `_gradient_checkpointing_func`) was made with
+    `replaying_masks`."""
+    context_fn = getattr(checkpoint_fn, "keywords", {}).get("context_fn")
+    return isinstance(context_fn, functools.partial) and context_fn.func is _replaying_contexts
 
 
 def _keep_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
     """A bool mask (True = keep) with P(keep) = 1 - p, and the scale 1 / P(keep)."""
     n = int(np.prod(shape))
     threshold = min(int(round(p * 2**32)), 2**32 - 1)  # uniform u32 >= threshold: keep
-    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=getattr(_local, "generator", None)))
     raw = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
     keep = torch.from_numpy(raw >= np.uint32(threshold)).view(shape)
     return keep, 2**32 / (2**32 - threshold)
@@ -163,3 +235,55 @@ def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p:
         scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
     probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(dropout(probs, p), v)
+
+
+# -- which dropout a model draws, for shard threads (engine/step.py) ------------------------------------------
+
+_RANDOM_DEPTH = ("DropPath", "StochasticDepth")  # timm's and torchvision's, drawn with torch's generator
+_ATTENTION_P = ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop")
+
+
+def _attention_p(module: nn.Module) -> float:
+    """The attention-probability dropout of a Hugging Face model (its config) or of tunelab's GPT attention."""
+    config = getattr(module, "config", None)
+    values = [getattr(config, k, 0.0) for k in _ATTENTION_P] if config is not None else []
+    if "Attention" in type(module).__name__ and isinstance(getattr(module, "dropout", None), float):
+        values.append(module.dropout)
+    return max((v for v in values if isinstance(v, (int, float))), default=0.0)
+
+
+def has_dropout(model: nn.Module) -> bool:
+    """Whether training draws any random mask: dropout modules, attention dropout, stochastic depth."""
+    for m in model.modules():
+        p = getattr(m, "p", getattr(m, "drop_prob", 0.0))
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return True
+        if type(m).__name__ in _RANDOM_DEPTH and isinstance(p, (int, float)) and p > 0:
+            return True
+        if _attention_p(m) > 0:
+            return True
+    return False
+
+
+def shared_generator_dropout(model: nn.Module, fast: bool) -> str | None:
+    """Where training would draw masks from torch's default generator, which threads share, or would replay
+    them wrongly: None when every mask comes from `dropout` (with `fast`: after `use_fast_dropout`) and every
+    Hugging Face activation checkpoint replays them (`replaying_masks`). Otherwise what and where, in words."""
+    for name, m in model.named_modules():
+        where = f"`{name or type(m).__name__}` ({type(m).__name__})"
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            swappable = type(m) is nn.Dropout or isinstance(m, Dropout)
+            if not (fast and swappable and not m.inplace):
+                return f"{where} draws its mask from torch's generator"
+        p = getattr(m, "p", getattr(m, "drop_prob", 0.0))
+        if type(m).__name__ in _RANDOM_DEPTH and isinstance(p, (int, float)) and p > 0:
+            return f"{where} draws from torch's generator"
+        if _attention_p(m) > 0:
+            config = getattr(m, "config", None)
+            sdpa = config is None or getattr(config, "_attn_implementation", "sdpa") == "sdpa"
+            if not (fast and sdpa):
+                return f"{where}'s attention dropout draws from torch's generator"
+        if getattr(m, "gradient_checkpointing", False) is True and has_dropout(m):
+            if not replays_masks(getattr(m, "_gradient_checkpointing_func", None)):
+                return f"{where}'s activation checkpointing was not set up by tunelab and would replay other masks"
+    return None

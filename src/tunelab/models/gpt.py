@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tunelab.errors import ConfigError, did_you_mean
 from tunelab.models import register_model
+from tunelab.models.checkpointing import plain_checkpoint_kwargs
 from tunelab.models.dropout import MARK as FAST_DROPOUT
 from tunelab.models.dropout import attention_with_dropout
 
@@ -290,7 +291,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             if self.config.activation_checkpointing and self.training:
-                x = checkpoint(block, x, rope, use_reentrant=False)
+                x = checkpoint(block, x, rope, **plain_checkpoint_kwargs())
             else:
                 x = block(x, rope)
         return self.lm_head(self.norm_f(x))

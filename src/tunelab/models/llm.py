@@ -23,7 +23,7 @@ import torch.nn as nn
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.hub import resolve_model_path
 from tunelab.models import MODEL_JSON, register_model
-from tunelab.models.checkpointing import selective_checkpoint_kwargs
+from tunelab.models.checkpointing import plain_checkpoint_kwargs, selective_checkpoint_kwargs
 from tunelab.paths import resolve_path
 from tunelab.tokenizers import load_hf_tokenizer
 
@@ -118,7 +118,7 @@ def _for_training(model: nn.Module, gradient_checkpointing: bool | Literal["sele
             raise ConfigError(
                 f"model.gradient_checkpointing = {gradient_checkpointing!r} is invalid; use true, false or selective"
             )
-        kwargs = selective_checkpoint_kwargs() if gradient_checkpointing == "selective" else {"use_reentrant": False}
+        kwargs = selective_checkpoint_kwargs() if gradient_checkpointing == "selective" else plain_checkpoint_kwargs()
         # peft still asks for the old property name on every forward; one known deprecation, not the user's
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name

@@ -23,7 +23,9 @@ batch, and the task falls back to target-only logits for it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,7 +36,32 @@ import torch.nn.functional as F
 from tunelab.tasks.base import Batch, MetricSet, Task, register_task
 from tunelab.tasks.linear_ce import linear_cross_entropy
 
-_ROWS = "_tunelab_target_rows"
+# Per thread, the heads narrowed (rows) or replaced (compute) by the block running in that thread: shard
+# threads (`train.batch_threads`) run forwards through one head at once, each with its own batch's rows.
+_local = threading.local()
+_lock = threading.Lock()  # hooking a head, and installing or removing its replaced forward
+
+
+def _mine(name: str) -> dict[int, Any]:
+    table = getattr(_local, name, None)
+    if table is None:
+        table = {}
+        setattr(_local, name, table)
+    return table
+
+
+@contextlib.contextmanager
+def _entry(name: str, head: nn.Module, value: Any) -> Iterator[None]:
+    table = _mine(name)
+    before = table.get(id(head))
+    table[id(head)] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del table[id(head)]
+        else:
+            table[id(head)] = before
 
 
 class _LMMetrics(MetricSet):
@@ -45,7 +72,7 @@ class _LMMetrics(MetricSet):
 
 
 def _select_rows(module: nn.Module, args: tuple) -> tuple | None:
-    rows = module.__dict__.get(_ROWS)
+    rows = _mine("rows").get(id(module))
     if rows is None:
         return None
     hidden = args[0][rows] if rows.dtype == torch.bool else args[0].flatten(0, -2)[rows]
@@ -66,35 +93,47 @@ def output_head(model: nn.Module) -> nn.Module | None:
 
 @contextlib.contextmanager
 def target_rows(head: nn.Module, rows: torch.Tensor) -> Iterator[None]:
-    """While active, `head` sees only the hidden states at `rows`: a bool mask over batch x length, or indices
-    into the flattened batch x length positions (a position may repeat)."""
-    if not getattr(head, "_tunelab_hooked", False):
-        head.register_forward_pre_hook(_select_rows)
-        head._tunelab_hooked = True
-    head.__dict__[_ROWS] = rows
-    try:
+    """While active in this thread, `head` sees only the hidden states at `rows`: a bool mask over batch x
+    length, or indices into the flattened batch x length positions (a position may repeat). Other threads
+    see the head as it was."""
+    with _lock:
+        if not getattr(head, "_tunelab_hooked", False):
+            head.register_forward_pre_hook(_select_rows)
+            head._tunelab_hooked = True
+    with _entry("rows", head, rows):
         yield
-    finally:
-        head.__dict__[_ROWS] = None
+
+
+def _replaced_forward(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    compute = _mine("compute").get(id(head))
+    return type(head).forward(head, hidden) if compute is None else compute(hidden)
 
 
 @contextlib.contextmanager
 def replaced_head(head: nn.Module, rows: torch.Tensor, compute: Callable[..., torch.Tensor]):
-    """While active, `head(hidden)` returns `compute(hidden_rows, head.weight, head.bias)` for the hidden
-    states at `rows` instead of logits; the result is also left in the yielded dict under "out", so the
-    caller can check that the model returned it unchanged."""
+    """While active in this thread, `head(hidden)` returns `compute(hidden_rows, head.weight, head.bias)` for
+    the hidden states at `rows` instead of logits; the result is also left in the yielded dict under "out",
+    so the caller can check that the model returned it unchanged. The head's forward is swapped while any
+    thread replaces it; a thread that does not runs the class's own forward."""
     box: dict[str, torch.Tensor] = {}
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         box["out"] = compute(hidden, head.weight, head.bias)
         return box["out"]
 
-    with target_rows(head, rows):
-        head.forward = forward  # an instance attribute shadows the class's forward
+    with target_rows(head, rows), _entry("compute", head, forward):
+        with _lock:
+            users = head.__dict__.get("_tunelab_replaced", 0)
+            if users == 0:
+                head.forward = functools.partial(_replaced_forward, head)  # shadows the class's forward
+            head.__dict__["_tunelab_replaced"] = users + 1
         try:
             yield box
         finally:
-            del head.forward
+            with _lock:
+                head.__dict__["_tunelab_replaced"] -= 1
+                if head.__dict__["_tunelab_replaced"] == 0:
+                    del head.forward
 
 
 def fused_head(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor, label_smoothing: float):
@@ -129,12 +168,6 @@ class CausalLMTask(Task):
             self.fused_loss = False  # the model changed the head's output: use target-only logits
         with target_rows(head, rows):
             return super().forward(model, batch)
-
-    def shard_refusal(self, model: nn.Module) -> str | None:
-        if self.target_logits and output_head(model) is not None:
-            return ("the causal_lm task narrows this model's output head to each batch's target rows, state "
-                    "that threads would share (task.target_logits=false lifts it)")
-        return None
 
     def count_targets(self, batch: Batch) -> torch.Tensor:
         return (batch["labels"] != self.loss_cfg.ignore_index).sum().float()
