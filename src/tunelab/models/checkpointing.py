@@ -44,7 +44,10 @@ def _policy(min_inner: int, ctx: Any, op: Any, *args: Any, **kwargs: Any):
 
 def plain_checkpoint_kwargs() -> dict[str, Any]:
     """Keyword arguments for `torch.utils.checkpoint.checkpoint` that keep only the input (non-reentrant:
-    works with frozen embeddings, e.g. LoRA), and replay a shard thread's dropout masks."""
+    works with frozen embeddings, e.g. LoRA), and replay a shard thread's dropout masks. Under torch.compile
+    (which runs no shard threads) torch's own checkpointing, unchanged."""
+    if torch.compiler.is_compiling():
+        return {"use_reentrant": False}
     return {"use_reentrant": False, "context_fn": replaying_masks()}
 
 
