@@ -162,12 +162,22 @@ def test_auto_and_refusals(monkeypatch):
             dict(model=gpt(dropout=0.1), fast_dropout=False),
         "`1` \\(Dropout\\) draws": dict(model=nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1, inplace=True))),
         "attention dropout": dict(model=_Attention(0.1), fast_dropout=False),
+        r"`1` \(DropPath\) draws from torch's generator": dict(model=nn.Sequential(nn.Linear(4, 4), DropPath(0.1))),
     }
+    assert resolve(2, nn.Sequential(nn.Linear(4, 4), DropPath(0.0))) == 2  # stochastic depth that never drops
     for why, kw in refused.items():
         model = kw.pop("model")
         assert resolve("auto", model, **kw) == 1
         with pytest.raises(ConfigError, match=rf"`train.batch_threads` = 2 cannot be used here: .*{why}"):
             resolve(2, model, **kw)
+
+
+class DropPath(nn.Module):
+    """timm's stochastic depth, by its name and `drop_prob`: it draws from torch's generator."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
 
 
 class _Attention(nn.Module):

@@ -93,18 +93,19 @@ def replaying_masks(inner: Callable[[], tuple[Any, Any]] | None = None) -> Calla
     return functools.partial(_replaying_contexts, inner)
 
 
+def _is_replaying(context_fn: Any) -> bool:
+    return isinstance(context_fn, functools.partial) and context_fn.func is _replaying_contexts
+
+
 def checkpoint_inner_context(context_fn: Any) -> Any:
     """The context_fn `replaying_masks` wraps, or `context_fn` itself when it is not one."""
-    if isinstance(context_fn, functools.partial) and context_fn.func is _replaying_contexts:
-        return context_fn.args[0]
-    return context_fn
+    return context_fn.args[0] if _is_replaying(context_fn) else context_fn
 
 
 def replays_masks(checkpoint_fn: Any) -> bool:
     """Whether a checkpoint function (a Hugging Face layer's `_gradient_checkpointing_func`) was made with
     `replaying_masks`."""
-    context_fn = getattr(checkpoint_fn, "keywords", {}).get("context_fn")
-    return isinstance(context_fn, functools.partial) and context_fn.func is _replaying_contexts
+    return _is_replaying(getattr(checkpoint_fn, "keywords", {}).get("context_fn"))
 
 
 def _keep_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
@@ -252,17 +253,19 @@ def _attention_p(module: nn.Module) -> float:
     return max((v for v in values if isinstance(v, (int, float))), default=0.0)
 
 
+def _random_depth_p(module: nn.Module) -> float:
+    """The drop probability of a stochastic-depth module (timm's `DropPath`, torchvision's `StochasticDepth`),
+    else 0."""
+    if type(module).__name__ not in _RANDOM_DEPTH:
+        return 0.0
+    p = getattr(module, "p", getattr(module, "drop_prob", 0.0))
+    return float(p) if isinstance(p, (int, float)) else 0.0
+
+
 def has_dropout(model: nn.Module) -> bool:
     """Whether training draws any random mask: dropout modules, attention dropout, stochastic depth."""
-    for m in model.modules():
-        p = getattr(m, "p", getattr(m, "drop_prob", 0.0))
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
-            return True
-        if type(m).__name__ in _RANDOM_DEPTH and isinstance(p, (int, float)) and p > 0:
-            return True
-        if _attention_p(m) > 0:
-            return True
-    return False
+    return any((isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0) or _random_depth_p(m) > 0
+               or _attention_p(m) > 0 for m in model.modules())
 
 
 def shared_generator_dropout(model: nn.Module, fast: bool) -> str | None:
