@@ -223,12 +223,64 @@ def test_dropout_under_threads_is_reproducible_and_checkpoints_replay_its_masks(
     replayed = gpt_dropout_steps(checkpointing=True)
     for a, b in zip(plain, replayed):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-    # the check can fail: a checkpoint that does not replay the shard's generator recomputes other masks
+    # a checkpoint that does not replay the shard's generator is stopped with one line, not run
     import tunelab.models.checkpointing as checkpointing
+    import tunelab.models.dropout as dropout
 
     monkeypatch.setattr(checkpointing, "replaying_masks", lambda inner=None: (lambda: (nullcontext(), nullcontext())))
+    with pytest.raises(ConfigError, match=r"`train.batch_threads` > 1: .*without replaying.*replaying_masks\(\)"):
+        gpt_dropout_steps(checkpointing=True)
+    # the check above can fail: let it run, and its recompute draws other masks, so the update differs
+    monkeypatch.setattr(dropout, "_in_backward", lambda: False)
     wrong = gpt_dropout_steps(checkpointing=True)
     assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-4) for a, b in zip(plain, wrong))
+
+
+class _OwnCheckpointed(nn.Module):
+    """A user's own model that calls torch.utils.checkpoint around a dropout itself."""
+
+    def __init__(self, **checkpoint_kwargs):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(8, 8)  # so the checkpoint's input needs a gradient, as in a real model
+        self.inner = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Dropout(0.3), nn.Linear(16, 8))
+        self.head = nn.Linear(8, 2)
+        self.kw = checkpoint_kwargs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.first(x)
+        if self.kw:
+            x = torch.utils.checkpoint.checkpoint(self.inner, x, **self.kw)
+        else:
+            x = self.inner(x)
+        return self.head(x)
+
+
+def own_model_steps(**checkpoint_kwargs) -> list[torch.Tensor]:
+    model = _OwnCheckpointed(**checkpoint_kwargs).train()
+    use_fast_dropout(model)
+    step = TrainStep(model, ClassificationTask(), CPU, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+    step.use_threads(2)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        step([{"inputs": torch.randn(6, 8, generator=g), "labels": torch.randint(0, 2, (6,), generator=g)}])
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_own_checkpoint_without_mask_replay_is_stopped_under_threads():
+    """A model of the user's own that checkpoints a dropout itself, under an explicit `train.batch_threads`:
+    with `replaying_masks` its update is the one without checkpointing; without it the run stops with one line
+    instead of taking the gradient of other masks."""
+    from tunelab.models.dropout import replaying_masks
+
+    plain = own_model_steps()
+    replayed = own_model_steps(use_reentrant=False, context_fn=replaying_masks())
+    for a, b in zip(plain, replayed):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="replaying_masks"):
+        own_model_steps(use_reentrant=False)
+    with pytest.raises(RuntimeError, match="use_reentrant=True"):  # torch's own: no reentrant checkpoint under .grad()
+        own_model_steps(use_reentrant=True)
 
 
 def tiny_llama_lora(dropout: float = 0.0) -> nn.Module:

@@ -27,7 +27,9 @@ the process, so masks drawn from it would depend on which thread draws first, an
 (which restores that generator before it recomputes) would replay another thread's masks in backward:
 wrong gradients. So each shard thread draws its masks from its own generator (`mask_generator(seed)`, the
 seeds drawn in shard order by the calling thread), and checkpoints made with `replaying_masks()` as their
-`context_fn` put that generator back before they recompute, as torch does for its own.
+`context_fn` put that generator back before they recompute, as torch does for its own. A mask drawn in a
+shard thread inside autograd's backward and outside such a replay can only come from a checkpoint that does
+not replay (a model's own `torch.utils.checkpoint` call): it is refused (ConfigError) rather than drawn.
 """
 
 from __future__ import annotations
@@ -43,8 +45,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tunelab.errors import ConfigError
+
 MARK = "tunelab_fast_dropout"  # set on attention modules whose sdpa call takes the fast path
-_local = threading.local()  # .generator: this thread's mask generator while it runs a batch shard
+_local = threading.local()  # .generator: this thread's mask generator while it runs a batch shard;
+# .replaying: True while a checkpoint made with `replaying_masks` recomputes
 
 
 @contextlib.contextmanager
@@ -62,14 +67,25 @@ def mask_generator(seed: int) -> Iterator[torch.Generator]:
 @contextlib.contextmanager
 def _replay(generator: torch.Generator, state: torch.Tensor) -> Iterator[None]:
     """`generator` as this thread's mask generator, at `state`, for the block; both put back afterwards."""
-    before, now = getattr(_local, "generator", None), generator.get_state()
-    _local.generator = generator
+    before, now, replaying = getattr(_local, "generator", None), generator.get_state(), _replaying()
+    _local.generator, _local.replaying = generator, True
     generator.set_state(state)
     try:
         yield
     finally:
         generator.set_state(now)
-        _local.generator = before
+        _local.generator, _local.replaying = before, replaying
+
+
+def _replaying() -> bool:
+    return getattr(_local, "replaying", False)
+
+
+def _in_backward() -> bool:
+    """Whether this thread is inside autograd's backward, where a forward runs only to recompute an activation
+    checkpoint (torch's own graph-task id; -1 outside backward)."""
+    graph_task = getattr(torch._C, "_current_graph_task_id", None)
+    return graph_task is not None and graph_task() != -1
 
 
 @contextlib.contextmanager
@@ -112,7 +128,15 @@ def _keep_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
     """A bool mask (True = keep) with P(keep) = 1 - p, and the scale 1 / P(keep)."""
     n = int(np.prod(shape))
     threshold = min(int(round(p * 2**32)), 2**32 - 1)  # uniform u32 >= threshold: keep
-    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=getattr(_local, "generator", None)))
+    generator = getattr(_local, "generator", None)
+    if generator is not None and not _replaying() and _in_backward():
+        # a checkpoint not made with `replaying_masks` recomputes in a shard thread: it would draw other masks
+        # than its forward did, and the gradient would be that of other masks
+        raise ConfigError(
+            "`train.batch_threads` > 1: the model recomputes a dropout in backward (activation checkpointing) "
+            "without replaying the shard's masks; pass context_fn=tunelab.models.dropout.replaying_masks() to "
+            "torch.utils.checkpoint.checkpoint(..., use_reentrant=False), or set train.batch_threads=1")
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=generator))
     raw = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
     keep = torch.from_numpy(raw >= np.uint32(threshold)).view(shape)
     return keep, 2**32 / (2**32 - threshold)
