@@ -78,6 +78,7 @@ def _replay(generator: torch.Generator, state: torch.Tensor) -> Iterator[None]:
 
 
 def _replaying() -> bool:
+    """Whether this thread is recomputing under a `replaying_masks` checkpoint right now."""
     return getattr(_local, "replaying", False)
 
 
@@ -109,19 +110,20 @@ def replaying_masks(inner: Callable[[], tuple[Any, Any]] | None = None) -> Calla
     return functools.partial(_replaying_contexts, inner)
 
 
-def _is_replaying(context_fn: Any) -> bool:
+def _made_by_replaying_masks(context_fn: Any) -> bool:
+    """Whether a checkpoint's `context_fn` is one `replaying_masks` made."""
     return isinstance(context_fn, functools.partial) and context_fn.func is _replaying_contexts
 
 
 def checkpoint_inner_context(context_fn: Any) -> Any:
     """The context_fn `replaying_masks` wraps, or `context_fn` itself when it is not one."""
-    return context_fn.args[0] if _is_replaying(context_fn) else context_fn
+    return context_fn.args[0] if _made_by_replaying_masks(context_fn) else context_fn
 
 
 def replays_masks(checkpoint_fn: Any) -> bool:
     """Whether a checkpoint function (a Hugging Face layer's `_gradient_checkpointing_func`) was made with
     `replaying_masks`."""
-    return _is_replaying(getattr(checkpoint_fn, "keywords", {}).get("context_fn"))
+    return _made_by_replaying_masks(getattr(checkpoint_fn, "keywords", {}).get("context_fn"))
 
 
 def _keep_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
